@@ -1,0 +1,155 @@
+"""What to adapt and how: one JSON-serialisable config per named adapter.
+
+A method is only a preset of (composition, backend); everything a file needs to be rebuilt is
+in its tensors (see FORMAT.md), so this config is informational once an adapter exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+COMPOSITIONS = ("additive", "lie")
+LIE_MAPS = ("exp", "linear")
+BACKENDS = ("lowrank", "tucker", "cp")
+
+# method -> (composition, backend for Linear, backend for convolutions)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "lora": ("additive", "lowrank", "lowrank"),
+    "flora": ("additive", "tucker", "tucker"),
+    "liera": ("lie", "lowrank", "tucker"),
+}
+
+# Module-name patterns (regexes matched against the end of a dotted module path).
+ATTENTION_PROJECTIONS = (
+    r"to_q",
+    r"to_k",
+    r"to_v",
+    r"to_out\.0",
+    r"add_q_proj",
+    r"add_k_proj",
+    r"add_v_proj",
+    r"to_add_out",
+    r"q_proj",
+    r"k_proj",
+    r"v_proj",
+    r"out_proj",
+)
+RESNET_AND_SAMPLER_CONVS = (
+    r"resnets\.\d+\.conv1",
+    r"resnets\.\d+\.conv2",
+    r"resnets\.\d+\.conv_shortcut",
+    r"downsamplers\.\d+\.conv",
+    r"upsamplers\.\d+\.conv",
+)
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ATTENTION_PROJECTIONS,
+    "conv": RESNET_AND_SAMPLER_CONVS,
+    "attn+conv": ATTENTION_PROJECTIONS + RESNET_AND_SAMPLER_CONVS,
+    "all": (r".*",),
+}
+
+Rank = int | list[int]
+
+
+@dataclass
+class AdapterConfig:
+    """How to build one named adapter.
+
+    `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may
+    be a list of per-mode Tucker ranks `[out, in, k_0, k_1, ...]` (a shorter list repeats its last
+    entry over the remaining kernel modes). Ranks are clipped to each mode's size. `rank_pattern`
+    overrides the rank of modules whose name matches a pattern, like PEFT's. With `alpha` set the
+    scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`.
+    """
+
+    method: str = "liera"
+    composition: str | None = None
+    backend: str | None = None
+    lie_map: str = "exp"
+    rank: Rank = 8
+    conv_rank: Rank | None = None
+    rank_pattern: dict[str, Rank] = field(default_factory=dict)
+    alpha: float | None = None
+    scale: float = 1.0
+    targets: str | list[str] = "attn+conv"
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.composition is None:
+            self.composition = METHODS[self.method][0]
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(f"unknown composition {self.composition!r}; choose one of {COMPOSITIONS}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.lie_map not in LIE_MAPS:
+            raise ValueError(f"unknown lie_map {self.lie_map!r}; choose one of {LIE_MAPS}")
+        for where, rank in [("rank", self.rank), ("conv_rank", self.conv_rank), *self.rank_pattern.items()]:
+            if rank is None:
+                continue
+            ranks = rank if isinstance(rank, list) else [rank]
+            if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+                raise ValueError(f"{where}: ranks must be positive integers, got {rank!r}")
+        if isinstance(self.targets, str) and self.targets not in TARGET_PRESETS:
+            raise ValueError(
+                f"unknown targets preset {self.targets!r}; choose one of {sorted(TARGET_PRESETS)} "
+                "or pass a list of module-name patterns"
+            )
+
+    def target_patterns(self) -> tuple[str, ...]:
+        return TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
+
+    def backend_for(self, weight_ndim: int) -> str:
+        if self.backend is not None:
+            return self.backend
+        _, linear_backend, conv_backend = METHODS[self.method]
+        return linear_backend if weight_ndim == 2 else conv_backend
+
+    def rank_for(self, module_name: str, weight_ndim: int) -> Rank:
+        for pattern, rank in self.rank_pattern.items():
+            if name_matches(module_name, pattern):
+                return rank
+        if weight_ndim > 2 and self.conv_rank is not None:
+            return self.conv_rank
+        return self.rank
+
+    def scale_for(self, rank: Rank) -> float:
+        if self.alpha is None:
+            return self.scale
+        return self.alpha / (rank[0] if isinstance(rank, list) else rank)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def name_matches(module_name: str, pattern: str) -> bool:
+    """PEFT's rule: a pattern matches a whole dotted path or any dotted suffix of it."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
+
+
+def mode_ranks(rank: Rank, shape: tuple[int, ...]) -> list[int]:
+    """Per-mode Tucker ranks for a weight of `shape`, clipped to each mode's size."""
+    ranks = rank if isinstance(rank, list) else [rank]
+    return [min(ranks[min(i, len(ranks) - 1)], size) for i, size in enumerate(shape)]
+
+
+def matrix_rank(rank: Rank, shape: tuple[int, ...], backend: str) -> int:
+    """One rank for lowrank/CP, clipped so a lowrank update is never wider than the matrix."""
+    if isinstance(rank, list):
+        raise ValueError(f"per-mode ranks {rank} only apply to the tucker backend, not {backend}")
+    if backend == "lowrank":
+        rows, cols = shape[0], 1
+        for size in shape[1:]:
+            cols *= size
+        return min(rank, rows, cols)
+    return rank

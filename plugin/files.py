@@ -1,0 +1,198 @@
+"""`liera/1` adapter files (FORMAT.md): atomic saves, and loads that validate everything first.
+
+A load either fits completely or changes nothing: every key, shape and value is checked against
+the target models before the first layer is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .backends import BACKEND_CLASSES
+from .config import COMPOSITIONS, LIE_MAPS, AdapterConfig
+from .inject import adaptable_layers, adapter_configs, adapter_state_dict, attach, list_adapters
+
+FORMAT_VERSION = "liera/1"
+ADAPTER_FILENAME = "adapter.safetensors"
+_PARAM = r"lora_down|lora_up|tucker_core|tucker_factor\.\d+|cp_weights|cp_factor\.\d+|scale"
+_KEY = re.compile(rf"^(?P<component>[^.]+)\.(?P<module>.+)\.(?P<param>{_PARAM})$")
+_BACKEND_OF_PARAM = {"lora": "lowrank", "tucker": "tucker", "cp": "cp"}
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that does not fit: the message names the file, the key and the shapes."""
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    models: Mapping[str, nn.Module],
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float32,
+    base_model: str | None = None,
+) -> Path:
+    """Write one adapter of `models` (`{"unet": unet, "text_encoder": ...}`) to `path`, atomically."""
+    path = Path(path)
+    tensors, config = {}, None
+    for component, model in models.items():
+        if adapter_name not in list_adapters(model):
+            continue
+        config = config or adapter_configs(model).get(adapter_name)
+        state = adapter_state_dict(model, adapter_name, prefix=f"{component}.")
+        tensors.update({k: v.to(dtype=dtype, device="cpu").contiguous() for k, v in state.items()})
+    if not tensors:
+        raise ValueError(f"no adapter named {adapter_name!r} in {sorted(models)}")
+    config = config or AdapterConfig()
+    metadata = {"format": FORMAT_VERSION, "composition": config.composition, "config": config.to_json()}
+    if config.composition == "lie":
+        metadata["lie_map"] = config.lie_map
+    if base_model or config.base_model:
+        metadata["base_model"] = str(base_model or config.base_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def resolve_adapter_path(path: str | os.PathLike) -> Path:
+    """A file, or a directory holding `adapter.safetensors` (a training run's output)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at {path}")
+    return path
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a `.safetensors` file (never unpickles anything)."""
+    path = resolve_adapter_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({error})") from error
+    return tensors, metadata
+
+
+def load_adapter(
+    source: str | os.PathLike | tuple[dict[str, torch.Tensor], dict[str, str]],
+    models: Mapping[str, nn.Module],
+    adapter_name: str | None = None,
+    weight: float = 1.0,
+) -> str:
+    """Load a `liera/1` adapter into `models` and make it active with user weight `weight`.
+
+    `source` is a file, a directory with `adapter.safetensors`, or `(tensors, metadata)`. Returns
+    the adapter's name (default: the file's stem). Raises `AdapterFileError` and changes nothing
+    if anything in the file does not fit.
+    """
+    if isinstance(source, tuple):
+        (tensors, metadata), where = source, "<state dict>"
+        adapter_name = adapter_name or "default"
+    else:
+        where = str(resolve_adapter_path(source))
+        tensors, metadata = read_adapter_file(where)
+        adapter_name = adapter_name or Path(where).stem
+    plan, config = plan_load(tensors, metadata, models, where)
+    for component, model in models.items():
+        if adapter_name in list_adapters(model):
+            raise AdapterFileError(f"{where}: {component} already has an adapter named {adapter_name!r}")
+    for component, backends in plan.items():
+        attach(models[component], adapter_name, config, backends, weight)
+    return adapter_name
+
+
+def plan_load(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module], where: str
+) -> tuple[dict[str, dict], AdapterConfig]:
+    """Validate a file against `models`; return per component `{module path: (backend, scale)}`."""
+    fmt = metadata.get("format")
+    if fmt != FORMAT_VERSION:
+        raise AdapterFileError(f"{where}: unknown format {fmt!r} in the header; expected {FORMAT_VERSION!r}")
+    composition = metadata.get("composition")
+    if composition not in COMPOSITIONS:
+        raise AdapterFileError(
+            f"{where}: unknown composition {composition!r}; expected one of {COMPOSITIONS}"
+        )
+    lie_map = metadata.get("lie_map", "exp")
+    if composition == "lie" and lie_map not in LIE_MAPS:
+        raise AdapterFileError(f"{where}: unknown lie_map {lie_map!r}; expected one of {LIE_MAPS}")
+    config = _config_from(metadata, composition, lie_map)
+    if not tensors:
+        raise AdapterFileError(f"{where}: the file holds no tensors")
+
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterFileError(f"{where}: key {key!r} is not <component>.<module>.<{_PARAM}>")
+        if match["component"] not in models:
+            raise AdapterFileError(
+                f"{where}: key {key!r} is for component {match['component']!r}, which is not among {sorted(models)}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{where}: key {key!r} holds non-finite values (NaN or inf)")
+        grouped.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor
+
+    layers = {component: adaptable_layers(model) for component, model in models.items()}
+    plan: dict[str, dict] = {}
+    for (component, module), params in grouped.items():
+        prefix = f"{component}.{module}"
+        layer = layers[component].get(module)
+        if layer is None:
+            raise AdapterFileError(
+                f"{where}: key {prefix}.* names a module that {component} has no Linear/Conv at"
+            )
+        shape = tuple(layer.weight.shape)
+        families = {_BACKEND_OF_PARAM[p.split("_")[0]] for p in params if p != "scale"}
+        if len(families) != 1:
+            raise AdapterFileError(
+                f"{where}: {prefix} needs exactly one backend's tensors, found {sorted(params)}"
+            )
+        backend_cls = BACKEND_CLASSES[families.pop()]
+        shapes = {name: tuple(t.shape) for name, t in params.items() if name != "scale"}
+        expected = backend_cls.expected_shapes(shape, shapes)
+        for name in sorted(set(expected) | set(shapes)):
+            if expected.get(name) != shapes.get(name):
+                raise AdapterFileError(
+                    f"{where}: key {prefix}.{name} has shape {shapes.get(name, 'missing')}, but the module's weight "
+                    f"{shape} needs {expected.get(name, 'no such tensor')}"
+                )
+        if any(size < 1 for size in expected[next(iter(expected))]):
+            raise AdapterFileError(f"{where}: {prefix} has a zero rank")
+        scale = params.get("scale")
+        if scale is None or scale.dim() != 0:
+            got = "missing" if scale is None else tuple(scale.shape)
+            raise AdapterFileError(f"{where}: key {prefix}.scale must be a 0-d tensor, got {got}")
+        backend = backend_cls.from_tensors(shape, params).to(layer.weight.device)
+        plan.setdefault(component, {})[module] = (backend, float(scale))
+    return plan, config
+
+
+def _config_from(metadata: dict[str, str], composition: str, lie_map: str) -> AdapterConfig:
+    """The header's config where it parses; the tensors and the header fields are what count."""
+    try:
+        config = AdapterConfig.from_json(metadata.get("config", "{}"))
+    except (ValueError, TypeError, json.JSONDecodeError):
+        config = AdapterConfig()
+    config.composition, config.lie_map = composition, lie_map
+    if metadata.get("base_model"):
+        config.base_model = metadata["base_model"]
+    return config

@@ -1,0 +1,214 @@
+"""Put adapters into any `nn.Module` and manage them by name: activate, weigh, fuse, remove.
+
+An adapted Linear/ConvNd is swapped for an `AdaptedLayer` holding the original, so module paths
+(and hence file keys) stay the same and every attention processor keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .backends import BACKEND_CLASSES, Backend
+from .config import AdapterConfig, name_matches
+from .layer import ADAPTABLE, AdaptedLayer, Adapter
+
+CONFIGS_ATTR = "liera_configs"  # model attribute: adapter name -> AdapterConfig
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLayer)}
+
+
+def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/ConvNd by its path, an already adapted one as its `AdaptedLayer`."""
+    found = {}
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, AdaptedLayer)
+            or isinstance(module, ADAPTABLE)
+            and not name.endswith("base_layer")
+        ):
+            found[name] = module
+    return found
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    if not hasattr(model, CONFIGS_ATTR):
+        setattr(model, CONFIGS_ATTR, {})
+    return getattr(model, CONFIGS_ATTR)
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    names = dict.fromkeys(adapter_configs(model))
+    for layer in adapted_layers(model).values():
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    patterns = config.target_patterns()
+    targets = {
+        name: module
+        for name, module in adaptable_layers(model).items()
+        if any(name_matches(name, pattern) for pattern in patterns)
+    }
+    if not targets:
+        raise ValueError(f"targets {config.targets!r} match no Linear/Conv layer of {type(model).__name__}")
+    return targets
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> list[str]:
+    """Attach a new zero-initialised adapter (so outputs don't change) and make it the active one.
+
+    Like PEFT, every other parameter of `model` is frozen. Returns the adapted module paths.
+    """
+    targets = find_targets(model, config)
+    backends = {}
+    for name, module in targets.items():
+        weight = module.weight
+        rank = config.rank_for(name, weight.ndim)
+        backend = BACKEND_CLASSES[config.backend_for(weight.ndim)](tuple(weight.shape), rank)
+        backends[name] = (backend.to(weight.device), config.scale_for(rank))
+    attach(model, adapter_name, config, backends)
+    return list(targets)
+
+
+def attach(
+    model: nn.Module,
+    adapter_name: str,
+    config: AdapterConfig,
+    backends: dict[str, tuple[Backend, float]],
+    weight: float = 1.0,
+) -> None:
+    """Wrap each named layer (once), give it the adapter `adapter_name` built from `backends`, and
+    make that adapter the only active one (as diffusers does with a newly loaded LoRA)."""
+    if adapter_name in list_adapters(model):
+        raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
+    _freeze_base(model)
+    for name, (backend, scale) in backends.items():
+        layer = _wrap(model, name)
+        layer.adapters[adapter_name] = Adapter(backend, config.composition, config.lie_map, scale)
+    adapter_configs(model)[adapter_name] = config
+    set_adapters(model, [adapter_name], [weight])
+
+
+def _freeze_base(model: nn.Module) -> None:
+    adapter_params = {id(p) for layer in adapted_layers(model).values() for p in layer.adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+
+
+def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
+    module = model.get_submodule(name)
+    if isinstance(module, AdaptedLayer):
+        return module
+    layer = AdaptedLayer(module)
+    _replace(model, name, layer)
+    return layer
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _check_names(model: nn.Module, names: Iterable[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    known = list_adapters(model)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"no adapter named {name!r}; the model has {known}")
+    return names
+
+
+def set_adapters(
+    model: nn.Module, names: str | list[str], weights: float | list[float] | None = None
+) -> None:
+    """Make exactly `names` active, each with its user weight `m` (default 1)."""
+    names = _check_names(model, names)
+    if weights is None or isinstance(weights, (int, float)):
+        weights = [1.0 if weights is None else float(weights)] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}")
+    for layer in adapted_layers(model).values():
+        layer.active = {n: float(w) for n, w in zip(names, weights) if n in layer.adapters}
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    active = {}
+    for layer in adapted_layers(model).values():
+        if layer.enabled:
+            active.update(dict.fromkeys(layer.active))
+    return list(active)
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    for layer in adapted_layers(model).values():
+        layer.enabled = enabled
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the (possibly fused) base weights only; `enable_adapters` switches them back on."""
+    enable_adapters(model, False)
+
+
+def set_runtime_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every unfused adapter's weight, like diffusers' `cross_attention_kwargs={"scale": x}`."""
+    for layer in adapted_layers(model).values():
+        layer.runtime_scale = float(scale)
+
+
+def fuse_adapters(model: nn.Module, scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights: inference costs what the
+    base model costs. `unfuse_adapters` takes them out again."""
+    names = active_adapters(model) if adapter_names is None else _check_names(model, adapter_names)
+    for layer in adapted_layers(model).values():
+        layer.fuse([n for n in names if n in layer.adapters], scale)
+
+
+def unfuse_adapters(model: nn.Module) -> None:
+    for layer in adapted_layers(model).values():
+        layer.unfuse()
+
+
+def delete_adapters(model: nn.Module, names: str | list[str]) -> None:
+    names = _check_names(model, names)
+    layers = adapted_layers(model)
+    for name in names:
+        if any(name in layer.fused for layer in layers.values()):
+            raise ValueError(f"adapter {name!r} is fused into the weights; call unfuse_adapters() first")
+    for path, layer in layers.items():
+        for name in names:
+            if name in layer.adapters:
+                del layer.adapters[name]
+                layer.active.pop(name, None)
+        if not layer.adapters:
+            _replace(model, path, layer.base_layer)
+    for name in names:
+        adapter_configs(model).pop(name, None)
+
+
+def unload_adapters(model: nn.Module) -> None:
+    """Put the original layers back (with whatever is fused into their weights) and forget all adapters."""
+    for path, layer in adapted_layers(model).items():
+        _replace(model, path, layer.base_layer)
+    adapter_configs(model).clear()
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """FORMAT.md's tensors of one adapter: `<prefix><module path>.<param>`."""
+    _check_names(model, adapter_name)
+    state = {}
+    for path, layer in adapted_layers(model).items():
+        if adapter_name in layer.adapters:
+            for param, tensor in layer.adapters[adapter_name].tensors().items():
+                state[f"{prefix}{path}.{param}"] = tensor.detach()
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

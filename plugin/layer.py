@@ -1,0 +1,163 @@
+"""The adapted layer: a Linear/ConvNd that carries named adapters and applies FORMAT.md's rule.
+
+The original layer stays inside, untouched, as `base_layer`, so unloading is putting it back.
+Forward either rebuilds `W'` (always for lie adapters) or, for additive adapters whose backend
+allows it, runs them as a bypass on the activations, whichever costs fewer multiply-adds here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .backends import Backend
+from .compositions import Term, compose, compose_over_fused, decompose
+
+ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Adapter(nn.Module):
+    """One named adapter on one layer: a backend, a composition and its scale `s`."""
+
+    def __init__(self, backend: Backend, composition: str, lie_map: str, scale: float):
+        super().__init__()
+        self.backend = backend
+        self.composition = composition
+        self.lie_map = lie_map
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def term(self, multiplier: float) -> Term:
+        return Term(self.composition, self.lie_map, (multiplier * self.scale) * self.backend.delta())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """FORMAT.md's tensors for this module, by parameter name."""
+        return {**dict(self.backend.named_parameters()), "scale": self.scale}
+
+
+class AdaptedLayer(nn.Module):
+    """A Linear or ConvNd with named adapters; forward computes `W'` from the active ones."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, ADAPTABLE):
+            raise TypeError(f"cannot adapt {type(base_layer).__name__}; supported: Linear, Conv1d/2d/3d")
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: dict[str, float] = {}  # adapter name -> user weight m
+        self.fused: dict[str, float] = {}  # adapter name -> multiplier it was fused with
+        self.enabled = True
+        self.runtime_scale = 1.0  # diffusers' `cross_attention_kwargs={"scale": x}`
+
+    def __getattr__(self, name: str):
+        # Code that reads `in_features`, `weight`, `stride`, ... of the layer keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    # --- the forward pass ---------------------------------------------------------------------
+
+    def unfused_terms_active(self) -> list[tuple[Adapter, float]]:
+        if not self.enabled or self.runtime_scale == 0:
+            return []
+        return [
+            (self.adapters[name], weight * self.runtime_scale)
+            for name, weight in self.active.items()
+            if name not in self.fused and weight != 0
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = self.unfused_terms_active()
+        if not adapters:
+            return self.base_layer(x)
+        if self._bypass_is_cheaper(adapters, x):
+            out = self.base_layer(x)
+            for adapter, multiplier in adapters:
+                update = adapter.backend.bypass(self.base_layer, x.to(adapter.scale.dtype))
+                out = out + ((multiplier * adapter.scale) * update).to(out.dtype)
+            return out
+        return self._forward_with_weight(x, self.adapted_weight(adapters))
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if isinstance(layer, nn.Linear):
+            return nn.functional.linear(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, layer.bias)
+
+    def adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
+        """`W'` in the layer's dtype. While training, the float32 intermediates (exp(sD), ...)
+        are recomputed in backward instead of being kept: only `W'` itself stays saved."""
+
+        def build() -> torch.Tensor:
+            weight = self.base_layer.weight
+            unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
+            if self.fused:
+                return compose_over_fused(weight, self._fused_terms(), unfused).to(weight.dtype)
+            return compose(weight, unfused).to(weight.dtype)
+
+        if torch.is_grad_enabled() and any(p.requires_grad for a, _ in adapters for p in a.parameters()):
+            return checkpoint(build, use_reentrant=False, preserve_rng_state=False)
+        return build()
+
+    def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
+        """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
+        layer = self.base_layer
+        # Additive terms add on top of whatever is fused (W_f + A_u), so fused adapters don't matter.
+        if any(a.composition != "additive" or not a.backend.can_bypass(layer) for a, _ in adapters):
+            return False
+        in_positions, out_positions = _positions(layer, x)
+        training = torch.is_grad_enabled()
+        bypass = sum(a.backend.bypass_flops(in_positions, out_positions) for a, _ in adapters)
+        rebuild = sum(a.backend.delta_flops() for a, _ in adapters) + layer.weight.numel()
+        if training:
+            # Backward through the bypass is about twice its forward; a rebuilt weight also needs
+            # the full-size weight gradient of the layer, which the frozen base never computes.
+            bypass *= 3
+            rebuild = 3 * rebuild + out_positions * layer.weight.numel()
+        return bypass < rebuild
+
+    # --- fusing -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _fused_terms(self) -> list[Term]:
+        return [self.adapters[name].term(multiplier) for name, multiplier in self.fused.items()]
+
+    @torch.no_grad()
+    def fuse(self, names: list[str], scale: float = 1.0) -> None:
+        """Fold adapters into the base weight (with their current user weights times `scale`)."""
+        new = {name: self.active.get(name, 1.0) * scale for name in names if name not in self.fused}
+        if not new:
+            return
+        weight = self.base_layer.weight
+        terms = [self.adapters[name].term(multiplier) for name, multiplier in new.items()]
+        fused = (
+            compose_over_fused(weight, self._fused_terms(), terms) if self.fused else compose(weight, terms)
+        )
+        weight.copy_(fused.to(weight.dtype))
+        self.fused.update(new)
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Take every fused adapter out of the base weight again (exact up to float rounding)."""
+        if not self.fused:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(decompose(weight, self._fused_terms()).to(weight.dtype))
+        self.fused.clear()
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, fused={list(self.fused)}"
+
+
+def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Input and output positions (tokens, or batch x pixels) one weight is applied at."""
+    if isinstance(layer, nn.Linear):
+        tokens = x.numel() // x.shape[-1]
+        return tokens, tokens
+    spatial = x.shape[2:] if x.ndim == layer.weight.ndim else x.shape[1:]
+    batch = x.shape[0] if x.ndim == layer.weight.ndim else 1
+    in_positions = batch * math.prod(spatial)
+    return in_positions, max(1, in_positions // math.prod(layer.stride))
