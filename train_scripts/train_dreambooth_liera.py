@@ -1,0 +1,1062 @@
+#!/usr/bin/env python
+"""DreamBooth with LieRA, FLoRA or LoRA adapters: diffusers' `train_dreambooth_lora.py`, adapted.
+
+    accelerate launch train_scripts/train_dreambooth_liera.py     # toy base + shipped subject, CPU
+
+    accelerate launch train_scripts/train_dreambooth_liera.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --instance_data_dir dog --instance_prompt "a photo of sks dog" \\
+      --with_prior_preservation --class_data_dir dog-class --class_prompt "a photo of dog" \\
+      --resolution 512 --train_batch_size 1 --learning_rate 1e-4 --max_train_steps 500 \\
+      --adapter liera --rank 8 --validation_prompt "a photo of sks dog in a bucket"
+
+Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter`, `--backend`,
+`--rank`, `--conv_rank`, `--scale`, `--lie_map` and `--targets`. In `--output_dir` the run leaves
+`adapter.safetensors` (format `liera/1`, see FORMAT.md), `checkpoint-<step>/` folders (resumable with
+`--resume_from_checkpoint latest`), `validation/*.png` grids, `metrics.json` and a `README.md` card.
+
+From Python (benchmarks): `main(parse_args([...]))` runs exactly what the command line runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
+DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
+PROMPTS_FILE = (
+    "prompts.json"  # optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ...}
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
+TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
+ADAPTER_NAME = "default"
+ADAPTER_FILENAME = "adapter.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. They are parsed and checked before torch and diffusers are imported (which takes
+# seconds on a small machine), so a mistake stops at once with a message naming the argument.
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with LieRA, FLoRA or LoRA adapters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("base model and data (diffusers' names)")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=str(DEFAULT_BASE),
+        help="Path to a diffusers Stable Diffusion 1.x/2.x folder, or a model id from huggingface.co/models.",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    model.add_argument(
+        "--instance_data_dir",
+        type=str,
+        default=None,
+        help=f"A folder of instance (subject) images. Default: {DEFAULT_SUBJECT.relative_to(REPO_ROOT)}.",
+    )
+    model.add_argument(
+        "--instance_prompt",
+        type=str,
+        default=None,
+        help=f"The prompt with the identifier of the instance. Default: read from {PROMPTS_FILE} in the instance folder.",
+    )
+    model.add_argument("--class_data_dir", type=str, default=None, help="A folder of class images.")
+    model.add_argument(
+        "--class_prompt",
+        type=str,
+        default=None,
+        help=f"The prompt for images of the subject's class. Default: read from {PROMPTS_FILE} in the instance folder.",
+    )
+    model.add_argument(
+        "--with_prior_preservation", action="store_true", help="Add the prior preservation loss."
+    )
+    model.add_argument(
+        "--prior_loss_weight", type=float, default=1.0, help="Weight of the prior preservation loss."
+    )
+    model.add_argument(
+        "--num_class_images",
+        type=int,
+        default=100,
+        help="Minimal number of class images for prior preservation; missing ones are generated with the base "
+        "pipeline and --class_prompt before training.",
+    )
+    model.add_argument(
+        "--sample_batch_size", type=int, default=4, help="Batch size for generating class images."
+    )
+    model.add_argument(
+        "--prior_generation_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="Precision for generating class images (default fp16 on a GPU, else fp32).",
+    )
+    model.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution; images are resized (and cropped) to it. Default: the base model's own.",
+    )
+    model.add_argument(
+        "--center_crop", action="store_true", help="Crop the centre instead of a random square."
+    )
+    model.add_argument(
+        "--tokenizer_max_length", type=int, default=None, help="Tokenizer length (default: the tokenizer's)."
+    )
+
+    train = parser.add_argument_group("training (diffusers' names)")
+    train.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help="Where the run writes everything. Default: runs/dreambooth-<adapter>.",
+    )
+    train.add_argument("--seed", type=int, default=0, help="Seed of every random draw of the run.")
+    train.add_argument(
+        "--train_text_encoder", action="store_true", help="Also put adapters on the text encoder."
+    )
+    train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument(
+        "--max_train_steps", type=int, default=300, help="Optimizer steps; overrides --num_train_epochs."
+    )
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in backward."
+    )
+    train.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate (after warm-up).")
+    train.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by the number of processes, accumulation steps and batch size.",
+    )
+    train.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=[
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+            "constant",
+            "constant_with_warmup",
+        ],
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the lr scheduler.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is usual)."
+    )
+    train.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the noise offset.")
+    train.add_argument("--dataloader_num_workers", type=int, default=0)
+    train.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides accelerate's setting. Adapters always train in float32.",
+    )
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    train.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    )
+    train.add_argument(
+        "--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every X steps."
+    )
+    train.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints kept."
+    )
+    train.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint folder (or its name in --output_dir), or "latest".',
+    )
+    train.add_argument(
+        "--report_to",
+        type=str,
+        default=None,
+        help='Trackers: "tensorboard", "wandb", "comet_ml" or "all". Default: none (metrics.json is always written).',
+    )
+    train.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder inside --output_dir.")
+    train.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; ignored.")
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help=f"Prompt of the validation images. Default: {PROMPTS_FILE}'s validation_prompt, else --instance_prompt.",
+    )
+    validation.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Images per validation grid (0: none). Grids are made before training, every --validation_steps "
+        "and at the end, always with the same seeds.",
+    )
+    validation.add_argument("--validation_steps", type=int, default=100, help="Validate every X steps.")
+    validation.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps.")
+
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument(
+        "--adapter",
+        type=str,
+        default="liera",
+        choices=["liera", "flora", "lora"],
+        help="liera: W * exp(sD) (lowrank for Linear, Tucker for convs); flora: W + sD, Tucker; lora: W + sD, lowrank.",
+    )
+    adapter.add_argument(
+        "--backend",
+        type=str,
+        default=None,
+        choices=["lowrank", "tucker", "cp"],
+        help="Override how D is built for every layer (default: the method's).",
+    )
+    adapter.add_argument(
+        "--rank", type=int, default=8, help="Rank of the adapters (of Linear layers, and convs)."
+    )
+    adapter.add_argument(
+        "--conv_rank",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Rank of conv adapters; several values are per-mode Tucker ranks: out in kh kw.",
+    )
+    adapter.add_argument("--scale", type=float, default=1.0, help="The adapters' scale s.")
+    adapter.add_argument(
+        "--alpha", type=float, default=None, help="LoRA-style alpha: sets scale = alpha / rank."
+    )
+    adapter.add_argument("--lie_map", type=str, default="exp", choices=["exp", "linear"], help="LieRA's map.")
+    adapter.add_argument(
+        "--targets",
+        type=str,
+        default="attn+conv",
+        help=f"Layers to adapt: a preset ({', '.join(TARGET_PRESETS)}) or comma-separated module-name regexes.",
+    )
+    adapter.add_argument(
+        "--save_every_rank",
+        action="store_true",
+        help="Every process also writes adapter_rank<i>.safetensors (to check that data-parallel ranks agree).",
+    )
+
+    args = parser.parse_args(input_args)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill the data-dependent defaults and refuse what cannot work, naming the argument."""
+    for name in ["train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps"]:
+        _positive(parser, args, name)
+    for name in ["rank", "checkpointing_steps", "validation_steps", "validation_inference_steps"]:
+        _positive(parser, args, name)
+    for name in ["sample_batch_size", "num_class_images", "checkpoints_total_limit", "resolution"]:
+        _positive(parser, args, name)
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.num_validation_images < 0:
+        parser.error(f"--num_validation_images must be 0 or more, got {args.num_validation_images}")
+    if args.conv_rank is not None:
+        if any(rank < 1 for rank in args.conv_rank):
+            parser.error(f"--conv_rank must be positive integers, got {' '.join(map(str, args.conv_rank))}")
+        if len(args.conv_rank) == 1:
+            args.conv_rank = args.conv_rank[0]
+        elif args.backend in ("lowrank", "cp") or args.adapter == "lora" and args.backend is None:
+            parser.error(
+                "--conv_rank with several values (per-mode ranks) needs the tucker backend for convolutions"
+            )
+    if args.targets not in TARGET_PRESETS:
+        patterns = [pattern.strip() for pattern in args.targets.split(",") if pattern.strip()]
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                parser.error(f"--targets: {pattern!r} is not a regular expression ({error})")
+        if not patterns:
+            parser.error("--targets is empty")
+        args.targets = patterns
+
+    if args.instance_data_dir is None:
+        args.instance_data_dir = str(DEFAULT_SUBJECT)
+    instance_images = _image_folder(parser, "--instance_data_dir", args.instance_data_dir)
+    prompts = _read_prompts(parser, Path(args.instance_data_dir))
+    args.instance_prompt = args.instance_prompt or prompts.get("instance_prompt")
+    if not args.instance_prompt:
+        parser.error(
+            f"--instance_prompt is required ({args.instance_data_dir} has no {PROMPTS_FILE} with one)"
+        )
+    args.class_prompt = args.class_prompt or (
+        prompts.get("class_prompt") if args.with_prior_preservation else None
+    )
+    args.validation_prompt = (
+        args.validation_prompt or prompts.get("validation_prompt") or args.instance_prompt
+    )
+    if args.with_prior_preservation:
+        if args.class_data_dir is None:
+            parser.error(
+                "--with_prior_preservation needs --class_data_dir (missing class images are generated there)"
+            )
+        if not args.class_prompt:
+            parser.error("--with_prior_preservation needs --class_prompt")
+        if Path(args.class_data_dir).exists():
+            if not Path(args.class_data_dir).is_dir():
+                parser.error(f"--class_data_dir: {args.class_data_dir} is not a directory")
+            _check_images(parser, "--class_data_dir", _list_images(Path(args.class_data_dir)))
+    args.num_instance_images = len(instance_images)
+
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"dreambooth-{args.adapter}")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        candidates = [Path(args.resume_from_checkpoint), Path(args.output_dir, args.resume_from_checkpoint)]
+        if not any((path / ADAPTER_FILENAME).is_file() for path in candidates):
+            parser.error(f"--resume_from_checkpoint: no checkpoint at {args.resume_from_checkpoint}")
+    _check_base_model(parser, args.pretrained_model_name_or_path)
+
+    if args.enable_xformers_memory_efficient_attention and not _installed("xformers"):
+        parser.error(
+            "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)"
+        )
+    trackers = {
+        "all": [],
+        None: [],
+        "none": [],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "comet_ml": ["comet_ml"],
+    }
+    if args.report_to not in trackers:
+        parser.error(f"--report_to must be one of tensorboard, wandb, comet_ml, all; got {args.report_to!r}")
+    for package in trackers[args.report_to]:
+        if not _installed(package):
+            parser.error(f"--report_to {args.report_to}: the {package} package is not installed")
+    if args.report_to == "none":
+        args.report_to = None
+
+
+def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+        parser.error(f"--{name} must be a positive integer, got {value}")
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _check_images(parser: argparse.ArgumentParser, flag: str, paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # PIL raises many kinds for broken files
+            parser.error(f"{flag}: {path} is not a readable image ({type(error).__name__}: {error})")
+
+
+def _image_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        parser.error(f"{flag}: no such directory: {folder}")
+    images = _list_images(path)
+    if not images:
+        parser.error(f"{flag}: {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    _check_images(parser, flag, images)
+    return images
+
+
+def _read_prompts(parser: argparse.ArgumentParser, folder: Path) -> dict:
+    path = folder / PROMPTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        prompts = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        parser.error(f"{path} is not valid JSON ({error})")
+    return prompts if isinstance(prompts, dict) else {}
+
+
+def sdxl_reason(model_index: dict, unet_config: dict) -> str | None:
+    """Why a base model is SDXL (which this script does not train yet), or None."""
+    name = model_index.get("_class_name", "")
+    if "XL" in name:
+        return f"model_index.json names {name}"
+    if "text_encoder_2" in model_index:
+        return "it has a second text encoder"
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "its UNet takes SDXL's text_time embeddings"
+    return None
+
+
+def sdxl_message(path: str, reason: str) -> str:
+    return (
+        f"--pretrained_model_name_or_path: {path} is a Stable Diffusion XL model ({reason}). This script "
+        "trains Stable Diffusion 1.x/2.x; SDXL is not supported yet."
+    )
+
+
+def _check_base_model(parser: argparse.ArgumentParser, name: str) -> None:
+    """A local base must be a diffusers folder, and not SDXL. A hub id is checked once its config is read."""
+    path = Path(name)
+    if path.is_file():
+        parser.error(
+            f"--pretrained_model_name_or_path: {name} is a single file; convert it to a diffusers folder first "
+            "(StableDiffusionPipeline.from_single_file(...).save_pretrained(folder))"
+        )
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or name.count("/") != 1 or path == DEFAULT_BASE:
+            parser.error(f"--pretrained_model_name_or_path: no such directory: {name}")
+        return  # a hub id like "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    if not (path / "unet" / "config.json").is_file():
+        parser.error(
+            f"--pretrained_model_name_or_path: {name} is not a diffusers pipeline folder (no unet/config.json)"
+        )
+    model_index = (
+        json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    )
+    reason = sdxl_reason(model_index, json.loads((path / "unet" / "config.json").read_text()))
+    if reason:
+        parser.error(sdxl_message(name, reason))
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import compute_snr  # noqa: E402
+from diffusers.utils import make_image_grid  # noqa: E402
+from diffusers.utils.torch_utils import is_compiled_module  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
+
+import plugin  # noqa: E402
+from plugin import AdapterConfig  # noqa: E402
+from plugin.training import (  # noqa: E402
+    NOISE_KEY,
+    DreamBoothDataset,
+    EpochSampler,
+    collate_fn,
+    copy_adapter_tensors,
+    denoising_loss,
+    list_images,
+    load_rgb,
+    prediction_target,
+    seeded_generator,
+)
+
+logger = get_logger(__name__)
+
+
+def display_name(name: str) -> str:
+    """The base model as a user would type it: repo-relative for the shipped assets."""
+    path = Path(name).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.exists() and path.is_relative_to(REPO_ROOT) else name
+
+
+def accelerator_is_cpu_cluster() -> bool:
+    """Several processes but no GPU: ask accelerate for its multi-CPU (gloo) mode.
+
+    accelerate 1.x starts several local processes only through its torchrun launcher (`--multi_gpu`
+    or a MULTI_GPU config); without a GPU those processes would each train alone unless told `cpu`.
+    """
+    accelerator_api = getattr(torch, "accelerator", None)
+    has_device = accelerator_api.is_available() if accelerator_api else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
+def load_pipeline(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, **components
+) -> StableDiffusionPipeline:
+    """The base pipeline with some `components` replaced (the models being trained); the others
+    are moved to `device` and `dtype`, which leaves the given ones (and their float32 adapters) alone."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **components
+    )
+    for name, module in pipeline.components.items():
+        if name not in components and isinstance(module, torch.nn.Module):
+            module.to(device, dtype)
+    return pipeline
+
+
+def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """diffusers' prior-preservation step: top up --class_data_dir to --num_class_images images."""
+    class_dir = Path(args.class_data_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    existing = len(list_images(class_dir))
+    missing = args.num_class_images - existing
+    if missing <= 0:
+        return
+    on_gpu = accelerator.device.type == "cuda"
+    precision = args.prior_generation_precision or ("fp16" if on_gpu else "fp32")
+    dtype = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        precision
+    ]
+    pipeline = load_pipeline(args, accelerator.device, dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {class_dir}")
+    starts = list(range(0, missing, args.sample_batch_size))
+    with accelerator.split_between_processes(starts) as my_starts:
+        for start in tqdm(my_starts, desc="Class images", disable=not accelerator.is_local_main_process):
+            count = min(args.sample_batch_size, missing - start)
+            generators = [seeded_generator(NOISE_KEY, args.seed, 10**9 + start + i) for i in range(count)]
+            images = pipeline([args.class_prompt] * count, generator=generators).images
+            for i, image in enumerate(images):
+                image.save(class_dir / f"{existing + start + i:05d}-generated.png")
+    del pipeline
+    accelerator.wait_for_everyone()
+
+
+def log_validation(
+    pipeline: StableDiffusionPipeline,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    name: str,
+    step: int,
+) -> list[Image.Image]:
+    """Generate --num_validation_images with fixed seeds (the same at every call, so grids compare)
+    and save them side by side as validation/<name>.png."""
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+    with torch.no_grad():
+        images = pipeline(
+            [args.validation_prompt] * args.num_validation_images,
+            num_inference_steps=args.validation_inference_steps,
+            generator=generators,
+        ).images
+    folder = Path(args.output_dir, "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=1, cols=len(images)).save(folder / f"{name}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                name, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(im, caption=args.validation_prompt) for im in images]}, step=step)
+    return images
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, args: argparse.Namespace, step: int, losses: list[float]
+) -> None:
+    """accelerate's state (adapter via the save hook, optimizer, scheduler) in checkpoint-<step>,
+    written under a temporary name first so a run killed while saving never leaves half a checkpoint."""
+    checkpoints = sorted(
+        (p for p in Path(args.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    if args.checkpoints_total_limit is not None and len(checkpoints) >= args.checkpoints_total_limit:
+        for old in checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]:
+            logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(old)
+    final = Path(args.output_dir, f"checkpoint-{step}")
+    partial = Path(args.output_dir, f".checkpoint-{step}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial))
+    (partial / "losses.json").write_text(json.dumps(losses))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    logger.info(f"Saved state to {final}")
+
+
+def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
+    """A short README.md in --output_dir: what was trained on what, how to load it, what it does."""
+    base = display_name(args.pretrained_model_name_or_path)
+    card = f"""---
+base_model: {base}
+instance_prompt: {args.instance_prompt}
+tags:
+- text-to-image
+- diffusers
+- dreambooth
+- {args.adapter}
+---
+
+# {args.adapter} DreamBooth adapter for {base}
+
+A `{args.adapter}` adapter (format `liera/1`, rank {args.rank}, conv rank {args.conv_rank or args.rank},
+targets `{args.targets}`) trained with DreamBooth on {args.num_instance_images} images of
+"{args.instance_prompt}"{" with prior preservation" if args.with_prior_preservation else ""}, for
+{metrics["steps"]} steps at resolution {args.resolution}, learning rate {args.learning_rate}.
+Text-encoder adapter: {args.train_text_encoder}.
+
+```python
+import plugin
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base}")
+plugin.load_adapter("{args.output_dir}", {{"unet": pipe.unet, "text_encoder": pipe.text_encoder}})
+image = pipe("{args.validation_prompt}").images[0]
+```
+
+| | before | after |
+| --- | --- | --- |
+| held-out denoising loss on the subject images | {metrics.get("heldout_loss_before", float("nan")):.4f} | {metrics.get("heldout_loss_after", float("nan")):.4f} |
+
+Training loss: {metrics.get("loss_start", float("nan")):.4f} (first steps) to {metrics.get("loss_end", float("nan")):.4f} (last steps).
+"""
+    if (Path(args.output_dir) / "validation" / "before_after.png").exists():
+        card += f'\n"{args.validation_prompt}", before (top) and after (bottom):\n\n![before and after](validation/before_after.png)\n'
+    Path(args.output_dir, "README.md").write_text(card)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train; returns the metrics it also writes to <output_dir>/metrics.json."""
+    start_time = time.time()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        cpu=accelerator_is_cpu_cluster(),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # A hub model is checked for SDXL here, from its config, before any weights are loaded.
+    base = args.pretrained_model_name_or_path
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=args.revision)
+    try:
+        model_index = StableDiffusionPipeline.load_config(base, revision=args.revision)
+    except OSError:
+        model_index = {}
+    reason = sdxl_reason(model_index, unet_config)
+    if reason:
+        raise SystemExit(sdxl_message(base, reason))
+
+    set_seed(args.seed)
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Load the base model; only the adapters will train.
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(
+        base, subfolder="text_encoder", revision=args.revision, variant=args.variant
+    )
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(
+        base, subfolder="unet", revision=args.revision, variant=args.variant
+    )
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor
+    multiple = vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % multiple:
+        raise SystemExit(
+            f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}"
+        )
+
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    # The adapters: zero-initialised (the model starts exactly at the base), float32, trainable.
+    # Same seed on every process, so data-parallel ranks start identical.
+    torch.manual_seed(args.seed)
+    adapter_config = AdapterConfig(
+        method=args.adapter,
+        backend=args.backend,
+        lie_map=args.lie_map,
+        rank=args.rank,
+        conv_rank=args.conv_rank,
+        alpha=args.alpha,
+        scale=args.scale,
+        targets=args.targets,
+        base_model=display_name(base),
+    )
+    adapted = plugin.add_adapter(unet, adapter_config, ADAPTER_NAME)
+    trained = {"unet": unet}
+    if args.train_text_encoder:
+        text_config = AdapterConfig(**{**adapter_config.__dict__, "targets": "attn", "conv_rank": None})
+        adapted += plugin.add_adapter(text_encoder, text_config, ADAPTER_NAME)
+        trained["text_encoder"] = text_encoder
+    logger.info(
+        f"{args.adapter} adapters on {len(adapted)} layers: "
+        f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters"
+    )
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        model = accelerator.unwrap_model(model)
+        return model._orig_mod if is_compiled_module(model) else model
+
+    def training_pipeline() -> StableDiffusionPipeline:
+        """The base pipeline around the models being trained, adapters included, for validation."""
+        models = {"unet": unwrap_model(unet), "text_encoder": unwrap_model(text_encoder)}
+        return load_pipeline(args, accelerator.device, weight_dtype, **models, vae=vae, tokenizer=tokenizer)
+
+    def components_of(models: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        found = {}
+        for model in models:
+            model = unwrap_model(model)
+            name = "unet" if isinstance(model, type(unwrap_model(unet))) else "text_encoder"
+            found[name] = model
+        return found
+
+    # Checkpoints hold the adapter as a liera/1 file (not pickled model weights): these hooks
+    # replace accelerate's model saving and loading.
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            plugin.save_adapter(
+                Path(output_dir, ADAPTER_FILENAME),
+                components_of(models),
+                ADAPTER_NAME,
+                base_model=display_name(base),
+            )
+        weights.clear()  # nothing else to save for the models
+
+    def load_model_hook(models, input_dir):
+        components = components_of(models)
+        models.clear()  # accelerate must not load model weights itself
+        tensors, _ = plugin.read_adapter_file(Path(input_dir, ADAPTER_FILENAME))
+        copy_adapter_tensors(tensors, components, ADAPTER_NAME)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.scale_lr:
+        args.learning_rate *= (
+            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        )
+    params_to_optimize = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params_to_optimize,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    train_dataset = DreamBoothDataset(
+        instance_images=list_images(args.instance_data_dir),
+        instance_prompt=args.instance_prompt,
+        tokenizer=tokenizer,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        class_images=list_images(args.class_data_dir)[: args.num_class_images]
+        if args.with_prior_preservation
+        else None,
+        class_prompt=args.class_prompt,
+        seed=args.seed,
+        tokenizer_max_length=args.tokenizer_max_length,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(train_dataset), seed=args.seed),
+        collate_fn=functools.partial(collate_fn, with_prior_preservation=args.with_prior_preservation),
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # The scheduler counts every process's steps (accelerate steps it once per process).
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+    prepared = accelerator.prepare(*trained.values(), optimizer, train_dataloader, lr_scheduler)
+    unet = prepared[0]
+    if args.train_text_encoder:
+        text_encoder = prepared[1]
+    optimizer, train_dataloader, lr_scheduler = prepared[-3:]
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("dreambooth-liera", config=config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    global_step, first_epoch, losses = 0, 0, []
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            path = latest_checkpoint(args.output_dir)
+        else:
+            path = Path(args.resume_from_checkpoint)
+            path = path if path.is_dir() else Path(args.output_dir, args.resume_from_checkpoint)
+        if path is None:
+            accelerator.print("No checkpoint in --output_dir yet. Starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+            if (path / "losses.json").is_file():
+                losses = json.loads((path / "losses.json").read_text())[:global_step]
+    # Batches (per process) of the first epoch that the checkpoint has already trained on.
+    resume_batches = min(
+        (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps, len(train_dataloader)
+    )
+
+    validation = args.num_validation_images > 0
+    if validation and global_step == 0 and accelerator.is_main_process:
+        log_validation(training_pipeline(), args, accelerator, "before", step=0)
+
+    progress_bar = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    train_loss = 0.0
+    for epoch in range(first_epoch, args.num_train_epochs):
+        unet.train()
+        if args.train_text_encoder:
+            text_encoder.train()
+        skipped = resume_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(train_dataloader, skipped) if skipped else train_dataloader
+        loader.set_epoch(epoch)
+        for step, batch in enumerate(loader, start=skipped):
+            # Every random draw of this batch depends only on where it is in the run.
+            generator = seeded_generator(
+                NOISE_KEY, args.seed, epoch * len(train_dataloader) + step, accelerator.process_index
+            )
+            with accelerator.accumulate(*trained.values()):
+                pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
+                latents = vae.encode(pixel_values).latent_dist.sample(generator=generator)
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn(latents.shape, generator=generator)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+                noise = noise.to(latents.device, latents.dtype)
+                bsz = latents.shape[0]
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator
+                ).to(latents.device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                target = prediction_target(noise_scheduler, latents, noise, timesteps)
+
+                if args.snr_gamma is None:
+                    weights = torch.ones(bsz, device=latents.device)
+                else:
+                    # Min-SNR weighting (https://arxiv.org/abs/2303.09556), as in diffusers.
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weights = torch.clamp(snr, max=args.snr_gamma) / snr
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        weights = weights + 1
+                per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
+                    dim=(1, 2, 3)
+                )
+                per_example = per_example * weights
+                if args.with_prior_preservation:
+                    instance_loss, prior_loss = torch.chunk(per_example, 2)
+                    loss = instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
+                else:
+                    loss = per_example.mean()
+
+                # The mean over all processes, for the loss curve.
+                train_loss += (
+                    accelerator.gather(loss.detach()[None]).mean().item() / args.gradient_accumulation_steps
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                losses.append(train_loss)
+                accelerator.log({"train_loss": train_loss}, step=global_step)
+                train_loss = 0.0
+                if accelerator.is_main_process:
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args, global_step, losses)
+                    if (
+                        validation
+                        and global_step % args.validation_steps == 0
+                        and global_step < args.max_train_steps
+                    ):
+                        name = f"step-{global_step:06d}"
+                        log_validation(training_pipeline(), args, accelerator, name, global_step)
+
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress_bar.set_postfix(**logs)
+            if global_step >= args.max_train_steps:
+                break
+    progress_bar.close()
+    train_seconds = time.time() - start_time
+
+    # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
+    # and measure the held-out loss with the adapter off (the base model) and on.
+    accelerator.wait_for_everyone()
+    rank_difference = None
+    if accelerator.num_processes > 1:
+        flat = torch.cat([p.detach().float().flatten() for p in params_to_optimize])
+        everyone = accelerator.gather(flat[None])
+        rank_difference = (everyone - everyone[0]).abs().max().item()
+        logger.info(f"Largest adapter difference between ranks: {rank_difference}")
+    if args.save_every_rank:
+        plugin.save_adapter(
+            Path(args.output_dir, f"adapter_rank{accelerator.process_index}.safetensors"),
+            trained,
+            ADAPTER_NAME,
+            base_model=display_name(base),
+        )
+    metrics = {}
+    if accelerator.is_main_process:
+        adapter_path = plugin.save_adapter(
+            Path(args.output_dir, ADAPTER_FILENAME), trained, ADAPTER_NAME, base_model=display_name(base)
+        )
+        logger.info(f"Saved the adapter to {adapter_path}")
+        pipeline = load_pipeline(args, accelerator.device, weight_dtype)
+        plugin.load_adapter(adapter_path, {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+
+        heldout = {}
+        images = [load_rgb(path) for path in list_images(args.instance_data_dir)]
+        for label, enabled in [("before", False), ("after", True)]:
+            plugin.enable_adapters(pipeline.unet, enabled)
+            plugin.enable_adapters(pipeline.text_encoder, enabled)
+            heldout[label] = denoising_loss(
+                pipeline.unet,
+                pipeline.vae,
+                pipeline.text_encoder,
+                pipeline.tokenizer,
+                noise_scheduler,
+                images,
+                args.instance_prompt,
+                args.resolution,
+                seed=args.seed,
+            )
+        logger.info(
+            f"Held-out denoising loss on the subject: {heldout['before']:.4f} -> {heldout['after']:.4f}"
+        )
+        if validation:
+            log_validation(pipeline, args, accelerator, "final", args.max_train_steps)
+            folder = Path(args.output_dir, "validation")
+            if (folder / "before.png").is_file():
+                before, after = Image.open(folder / "before.png"), Image.open(folder / "final.png")
+                if before.size == after.size:
+                    both = Image.new("RGB", (before.width, 2 * before.height))
+                    both.paste(before, (0, 0))
+                    both.paste(after, (0, before.height))
+                    both.save(folder / "before_after.png")
+
+        window = max(1, min(10, len(losses) // 10))
+        metrics = {
+            "adapter": args.adapter,
+            "steps": global_step,
+            "wall_time_s": round(time.time() - start_time, 1),
+            "train_time_s": round(train_seconds, 1),
+            "num_processes": accelerator.num_processes,
+            "loss_start": float(np.mean(losses[:window])) if losses else None,
+            "loss_end": float(np.mean(losses[-window:])) if losses else None,
+            "loss_window": window,
+            "heldout_loss_before": heldout["before"],
+            "heldout_loss_after": heldout["after"],
+            "max_abs_diff_between_ranks": rank_difference,
+            "losses": [round(x, 6) for x in losses],
+        }
+        Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_model_card(args, metrics)
+        logger.info(
+            f"Done in {metrics['wall_time_s']} s: loss {metrics['loss_start']:.4f} -> {metrics['loss_end']:.4f}; "
+            f"outputs in {args.output_dir}"
+        )
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(ARGS)
