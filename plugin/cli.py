@@ -1,0 +1,265 @@
+"""`python -m plugin`: inspect adapter files, export them as standard LoRAs, merge them into a pipeline.
+
+    python -m plugin inspect adapter.safetensors
+    python -m plugin export adapter.safetensors --base runwayml/stable-diffusion-v1-5 --rank 32
+    python -m plugin merge --base ./sd15 --adapter style.safetensors:0.8 --adapter subject.safetensors --out ./merged
+
+diffusers is imported only by the commands that load a pipeline, so `inspect` starts quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .files import _KEY, ADAPTER_FILENAME, AdapterFileError, read_adapter_file, resolve_adapter_path
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What a file holds: a `liera/1` adapter, or a kohya LoRA (such as our own exports)."""
+    path = resolve_adapter_path(path)
+    tensors, metadata = read_adapter_file(path)
+    info = {
+        "file": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 3),
+        "parameters": sum(t.numel() for k, t in tensors.items() if not k.endswith((".scale", ".alpha"))),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+    }
+    if any(k.endswith(".lora_down.weight") for k in tensors):
+        return {**info, **_describe_kohya(tensors, metadata)}
+    return {**info, **_describe_liera(tensors, metadata)}
+
+
+def _describe_liera(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise AdapterFileError(f"key {key!r} is not <component>.<module>.<param>")
+        modules.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor
+    backends, ranks = Counter(), Counter()
+    for params in modules.values():
+        if "lora_down" in params:
+            backends["lowrank"] += 1
+            ranks[f"lowrank r={params['lora_down'].shape[0]}"] += 1
+        elif "tucker_core" in params:
+            backends["tucker"] += 1
+            ranks[f"tucker core {tuple(params['tucker_core'].shape)}"] += 1
+        elif "cp_weights" in params:
+            backends["cp"] += 1
+            ranks[f"cp R={params['cp_weights'].shape[0]}"] += 1
+    try:
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError:
+        config = {}
+    composition = metadata.get("composition")
+    return {
+        "format": metadata.get("format", "unknown (no liera/1 header)"),
+        "composition": composition,
+        "lie_map": metadata.get("lie_map", "exp") if composition == "lie" else None,
+        "method": config.get("method"),
+        "targets": config.get("targets"),
+        "base_model": metadata.get("base_model") or config.get("base_model"),
+        "components": dict(Counter(component for component, _ in modules)),
+        "modules": len(modules),
+        "backends": dict(backends),
+        "ranks": dict(ranks),
+    }
+
+
+def _describe_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    names = [k.removesuffix(".lora_down.weight") for k in tensors if k.endswith(".lora_down.weight")]
+    components = Counter(
+        re.match(r"lora_(unet|te\d?)_", n).group(1) if n.startswith("lora_") else "?" for n in names
+    )
+    info = {
+        "format": "LoRA (kohya/A1111 keys)",
+        "components": dict(components),
+        "modules": len(names),
+        "ranks": dict(Counter(f"r={tensors[f'{n}.lora_down.weight'].shape[0]}" for n in names)),
+        "alphas": sorted({float(tensors[f"{n}.alpha"]) for n in names if f"{n}.alpha" in tensors}),
+    }
+    if "liera_export" in metadata:
+        info["export"] = json.loads(metadata["liera_export"])
+    return info
+
+
+def format_description(info: dict) -> str:
+    lines = []
+    for key, value in info.items():
+        if value is None or value == {}:
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        elif key == "parameters":
+            value = f"{value:,}"
+        lines.append(f"{key.replace('_', ' '):<12} {value}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = describe(args.file)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+# --- export and merge --------------------------------------------------------------------------------
+
+
+def load_pipeline(base: str, dtype: torch.dtype, device: str):
+    """A diffusers pipeline from a folder or hub id, with the loader methods added (`enable_liera`)."""
+    from diffusers import DiffusionPipeline
+
+    from .loader import enable_liera
+
+    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return enable_liera(pipe.to(device))
+
+
+def _base_of(adapter: str, base: str | None) -> str:
+    if base:
+        return base
+    _, metadata = read_adapter_file(adapter)
+    if metadata.get("base_model"):
+        return metadata["base_model"]
+    raise SystemExit(f"{adapter} names no base model: pass --base (a pipeline folder or hub id)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import format_table, lora_parameter_count, lora_state_dict, save_lora
+
+    if args.rank is None and args.energy is None:
+        raise SystemExit("export: give --rank R, --energy E, or both")
+    source = resolve_adapter_path(args.file)
+    out = Path(args.out) if args.out else source.with_name(f"{_stem(source)}_lora.safetensors")
+    base = _base_of(args.file, args.base)
+    # float32 weights: a lie adapter's delta W ⊙ (exp(sD) - 1) depends on W.
+    pipe = load_pipeline(base, torch.float32, args.device)
+    name = pipe.load_adapter(source, adapter_name="export")
+    state, report = lora_state_dict(pipe.liera_models(), name, args.rank, args.energy, DTYPES[args.dtype])
+    info = {
+        "liera_source": source.name,
+        "liera_base_model": base,
+        "liera_rank": str(args.rank),
+        "liera_energy": str(args.energy),
+    }
+    save_lora(out, state, report, info)
+    print(format_table(report))
+    print(f"wrote {out} ({lora_parameter_count(state):,} parameters, {args.dtype})")
+    return 0
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """`FILE` or `FILE:WEIGHT` (a path's own colons, as in `C:\\...`, are kept)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .loader import diffusers_class
+
+    adapters = [parse_adapter(spec) for spec in args.adapter]
+    pipe = load_pipeline(args.base, torch.float32, args.device)
+    names, weights = [], []
+    for path, weight in tqdm(adapters, desc="merge: load adapters"):
+        name = _unique(_stem(resolve_adapter_path(path)), names)
+        names.append(pipe.load_adapter(path, adapter_name=name))
+        weights.append(weight)
+    pipe.set_adapters(names, weights)
+    pipe.fuse_adapters(scale=args.scale)
+    pipe.unload_adapters()
+    pipe.to(dtype=DTYPES[args.dtype])
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    merged = ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights))
+    print(f"wrote {args.out}: {diffusers_class(type(pipe)).__name__} with {merged} fused ({args.dtype})")
+    return 0
+
+
+def _stem(path: Path) -> str:
+    return path.parent.name if path.name == ADAPTER_FILENAME else path.stem
+
+
+def _unique(name: str, taken: list[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m plugin", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser(
+        "inspect", help="format, composition, backends, modules, ranks, size of a file"
+    )
+    inspect.add_argument(
+        "file", help="an adapter .safetensors, a run folder with adapter.safetensors, or a LoRA"
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(run=cmd_inspect)
+
+    export = commands.add_parser("export", help="a standard (kohya/A1111) LoRA by truncated SVD of W' - W")
+    export.add_argument("file", help="the liera/1 adapter file (or run folder)")
+    export.add_argument("--base", help="the base pipeline (folder or hub id); default: the file's base_model")
+    export.add_argument("--out", help="output .safetensors (default: <adapter>_lora.safetensors beside it)")
+    export.add_argument("--rank", type=int, help="keep at most this rank per module")
+    export.add_argument(
+        "--energy", type=float, help="keep the fewest ranks holding this share of sum(sigma^2)"
+    )
+    export.add_argument(
+        "--dtype", choices=DTYPES, default="fp16", help="dtype of the LoRA tensors (default fp16)"
+    )
+    export.add_argument("--device", default="cpu", help="where to run the SVDs, e.g. cuda")
+    export.set_defaults(run=cmd_export)
+
+    merge = commands.add_parser(
+        "merge", help="fuse adapters into a pipeline and save it with save_pretrained"
+    )
+    merge.add_argument("--base", required=True, help="the base pipeline (folder or hub id)")
+    merge.add_argument(
+        "--adapter", action="append", required=True, metavar="FILE[:WEIGHT]", help="repeatable"
+    )
+    merge.add_argument("--out", required=True, help="output folder for the merged pipeline")
+    merge.add_argument("--scale", type=float, default=1.0, help="multiplies every adapter's weight")
+    merge.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)"
+    )
+    merge.add_argument("--device", default="cpu", help="where to fuse, e.g. cuda")
+    merge.set_defaults(run=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (AdapterFileError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,333 @@
+"""The pipeline loader: diffusers' LoRA loader methods, for LieRA/FLoRA/LoRA adapters in `liera/1` files.
+
+`LieraLoaderMixin` goes in front of a diffusers pipeline class (see `pipelines/`), or onto a pipeline a
+user already has with `enable_liera(pipe)`. The pipeline attributes named in `liera_components`
+(`unet`, `transformer`, text encoders) are the components a file's keys name. Methods that diffusers'
+LoRA loader also has (`set_adapters`, `delete_adapters`, `get_active_adapters`, `get_list_adapters`)
+keep working for PEFT LoRAs loaded with `load_lora_weights`; the others act on our adapters only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import files, inject
+
+DENOISERS = ("unet", "transformer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# diffusers' names for the kwargs that carry the LoRA runtime scale, by model family.
+SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+_HOOKS_ATTR = "_liera_scale_hooks"
+
+Source = str | os.PathLike | tuple[dict[str, torch.Tensor], dict[str, str]] | Mapping[str, torch.Tensor]
+Weights = float | list[float | Mapping[str, float]] | Mapping[str, float] | None
+
+
+class LieraLoaderMixin:
+    """Load, mix, fuse and save LieRA/FLoRA/LoRA adapters in a diffusers pipeline."""
+
+    liera_components: tuple[str, ...] = DENOISERS + TEXT_ENCODERS
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # `enable_liera` prefers a named class (pipelines/) over one it makes up itself.
+        base = diffusers_class(cls)
+        if base not in _LIERA_CLASSES or _LIERA_CLASSES[base].__dict__.get("_liera_made_up"):
+            _LIERA_CLASSES[base] = cls
+
+    def liera_models(self) -> dict[str, nn.Module]:
+        """The components adapters can live in, by the name a file's keys use."""
+        found = {}
+        for name in self.liera_components:
+            model = getattr(self, name, None)
+            if isinstance(model, nn.Module):
+                found[name] = model
+        return found
+
+    # --- loading and saving -------------------------------------------------------------------
+
+    def load_adapter(
+        self,
+        path_or_dir_or_state_dict: Source,
+        adapter_name: str | None = None,
+        weight: float = 1.0,
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Load a `liera/1` adapter into every component its file names and make it the only active one.
+
+        The source is a file, a training run's directory (`adapter.safetensors`), `(tensors, metadata)`
+        as `read_adapter_file` returns, or a state dict with `metadata=`. Everything is validated
+        against all components first: on `AdapterFileError` the pipeline is unchanged. Returns the name.
+        """
+        source = path_or_dir_or_state_dict
+        if isinstance(source, Mapping):
+            if metadata is None:
+                raise files.AdapterFileError(
+                    "a state dict needs its file header too: pass metadata= (see plugin.read_adapter_file)"
+                )
+            source = (dict(source), metadata)
+        models = self.liera_models()
+        name = files.load_adapter(source, models, adapter_name=adapter_name, weight=weight)
+        # Like diffusers: the new adapter is the active one, in every component, not just its own.
+        for model in models.values():
+            names = [name] if name in inject.list_adapters(model) else []
+            inject.set_adapters(model, names, weight)
+        for component in DENOISERS:
+            if component in models:
+                _install_scale_hooks(models[component])
+        return name
+
+    def save_adapter(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Path:
+        """Write one adapter of all components that have it into one `liera/1` file."""
+        if adapter_name is None:
+            names = self._our_adapters()
+            if len(names) != 1:
+                raise ValueError(f"the pipeline has adapters {names}: say which one to save")
+            adapter_name = names[0]
+        models = {c: m for c, m in self.liera_models().items() if adapter_name in inject.list_adapters(m)}
+        if not models:
+            raise ValueError(f"no adapter named {adapter_name!r}; the pipeline has {self._our_adapters()}")
+        return files.save_adapter(path, models, adapter_name, dtype=dtype, base_model=self._base_name())
+
+    # --- choosing and weighing ----------------------------------------------------------------
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: Weights = None) -> None:
+        """Make exactly `adapter_names` active, each with its weight (a float, or `{component: float}`).
+
+        Several adapters combine by FORMAT.md's rule: lie ones multiply the weight, additive ones add.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}")
+        ours, peft = self._our_adapters(), self._peft_adapters()
+        unknown = [n for n in names if n not in ours and n not in peft]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; the pipeline has {ours + peft}")
+        for component, model in self.liera_models().items():
+            present = inject.list_adapters(model)
+            chosen = [(n, _weight_for(w, component)) for n, w in zip(names, weights) if n in present]
+            inject.set_adapters(model, [n for n, _ in chosen], [w for _, w in chosen])
+        if peft:
+            chosen = [(n, w) for n, w in zip(names, weights) if n in peft]
+            # Not naming a PEFT LoRA turns it off, as for ours: weight 0 is diffusers' way to do that.
+            chosen = chosen or [(n, 0.0) for n in peft]
+            super().set_adapters([n for n, _ in chosen], [w for _, w in chosen])
+
+    def get_active_adapters(self) -> list[str]:
+        active = {}
+        for model in self.liera_models().values():
+            active.update(dict.fromkeys(inject.active_adapters(model)))
+        parent = getattr(super(), "get_active_adapters", None)
+        if self._peft_adapters() and parent is not None:
+            active.update(dict.fromkeys(parent()))
+        return list(active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """`{component: [adapter names]}`, diffusers' shape, our adapters and PEFT LoRAs together."""
+        listed = {}
+        for component, model in self.liera_models().items():
+            if names := inject.list_adapters(model):
+                listed[component] = names
+        for component, names in self._peft_list().items():
+            known = listed.get(component, [])
+            if extra := [n for n in names if n not in known]:
+                listed[component] = known + extra
+        return listed
+
+    def disable_adapters(self) -> None:
+        """Run the (possibly fused) base weights only, until `enable_adapters()`."""
+        for model in self.liera_models().values():
+            inject.disable_adapters(model)
+
+    def enable_adapters(self) -> None:
+        for model in self.liera_models().values():
+            inject.enable_adapters(model)
+
+    # --- fusing and removing ------------------------------------------------------------------
+
+    def fuse_adapters(
+        self, scale: float = 1.0, adapter_names: list[str] | None = None, components: list[str] | None = None
+    ) -> None:
+        """Fold adapters (default: the active ones, with their weights times `scale`) into the weights,
+        so generation costs what the base costs. `unfuse_adapters()` takes them out again."""
+        if adapter_names is not None:
+            unknown = [n for n in adapter_names if n not in self._our_adapters()]
+            if unknown:
+                raise ValueError(f"no adapter named {unknown}; the pipeline has {self._our_adapters()}")
+        for model in self._selected(components).values():
+            names = None
+            if adapter_names is not None:
+                names = [n for n in adapter_names if n in inject.list_adapters(model)]
+            inject.fuse_adapters(model, scale=scale, adapter_names=names)
+
+    def unfuse_adapters(self, components: list[str] | None = None) -> None:
+        for model in self._selected(components).values():
+            inject.unfuse_adapters(model)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        ours, peft = self._our_adapters(), self._peft_adapters()
+        unknown = [n for n in names if n not in ours and n not in peft]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; the pipeline has {ours + peft}")
+        for model in self.liera_models().values():
+            inject.delete_adapters(model, [n for n in names if n in inject.list_adapters(model)])
+        if peft_names := [n for n in names if n in peft]:
+            super().delete_adapters(peft_names)
+
+    def unload_adapters(self) -> None:
+        """Put the original layers back (keeping whatever is fused into their weights), forget all
+        adapters and drop the runtime-scale hooks."""
+        for model in self.liera_models().values():
+            inject.unload_adapters(model)
+            for handle in getattr(model, _HOOKS_ATTR, ()):
+                handle.remove()
+            if hasattr(model, _HOOKS_ATTR):
+                delattr(model, _HOOKS_ATTR)
+
+    # --- the runtime scale for text encoders --------------------------------------------------
+
+    def encode_prompt(self, *args, **kwargs):
+        """The parent's `encode_prompt`, with diffusers' `lora_scale` applied to our unfused adapters
+        in the text encoders (the pipelines pass `cross_attention_kwargs["scale"]` as `lora_scale`)."""
+        scale = kwargs.get("lora_scale")
+        encoders = [m for c, m in self.liera_models().items() if c in TEXT_ENCODERS]
+        if scale is None or scale == 1.0 or not encoders:
+            return super().encode_prompt(*args, **kwargs)
+        for model in encoders:
+            inject.set_runtime_scale(model, scale)
+        try:
+            return super().encode_prompt(*args, **kwargs)
+        finally:
+            for model in encoders:
+                inject.set_runtime_scale(model, 1.0)
+
+    # --- saving the pipeline ------------------------------------------------------------------
+
+    def to_json_string(self) -> str:
+        """`model_index.json` names the diffusers class, so a saved (merged) pipeline loads without us."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = diffusers_class(type(self)).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _our_adapters(self) -> list[str]:
+        names = {}
+        for model in self.liera_models().values():
+            names.update(dict.fromkeys(inject.list_adapters(model)))
+        return list(names)
+
+    def _peft_list(self) -> dict[str, list[str]]:
+        parent = getattr(super(), "get_list_adapters", None)
+        if parent is None:
+            return {}
+        try:
+            return parent()
+        except ValueError:  # diffusers without its PEFT backend
+            return {}
+
+    def _peft_adapters(self) -> list[str]:
+        names = {}
+        for listed in self._peft_list().values():
+            names.update(dict.fromkeys(listed))
+        return list(names)
+
+    def _selected(self, components: list[str] | None) -> dict[str, nn.Module]:
+        models = self.liera_models()
+        if components is None:
+            return models
+        unknown = [c for c in components if c not in models]
+        if unknown:
+            raise ValueError(f"no component {unknown}; the pipeline has {sorted(models)}")
+        return {c: models[c] for c in components}
+
+    def _base_name(self) -> str | None:
+        name = getattr(getattr(self, "config", None), "_name_or_path", None)
+        return str(name) if name else None
+
+
+def _weight_for(weight: float | Mapping[str, float] | None, component: str) -> float:
+    if weight is None:
+        return 1.0
+    if isinstance(weight, Mapping):
+        value = weight.get(component, 1.0)
+        if isinstance(value, Mapping):
+            raise ValueError(
+                "per-block weights are for PEFT LoRAs; give our adapters one float per component"
+            )
+        return float(value)
+    return float(weight)
+
+
+# --- the runtime scale for the denoiser -----------------------------------------------------------
+
+
+def _scale_from_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before the UNet/transformer runs: apply `*_attention_kwargs["scale"]` to our unfused adapters.
+    diffusers' own `apply_lora_scale` pops it from a copy, so the caller's dict still has it here."""
+    scale = 1.0
+    for key in SCALE_KWARGS:
+        if isinstance(kwargs.get(key), Mapping) and "scale" in kwargs[key]:
+            scale = float(kwargs[key]["scale"])
+    if scale != 1.0:
+        inject.set_runtime_scale(model, scale)
+        model._liera_scaled = True
+
+
+def _reset_scale(model: nn.Module, args: tuple, output) -> None:
+    if getattr(model, "_liera_scaled", False):
+        inject.set_runtime_scale(model, 1.0)
+        model._liera_scaled = False
+
+
+def _install_scale_hooks(model: nn.Module) -> None:
+    if getattr(model, _HOOKS_ATTR, None):
+        return
+    pre = model.register_forward_pre_hook(_scale_from_kwargs, with_kwargs=True)
+    post = model.register_forward_hook(_reset_scale, always_call=True)
+    setattr(model, _HOOKS_ATTR, (pre, post))
+
+
+# --- giving a pipeline the methods ---------------------------------------------------------------
+
+_LIERA_CLASSES: dict[type, type] = {}  # diffusers pipeline class -> its class with the mixin
+
+
+def diffusers_class(cls: type) -> type:
+    """The first class in `cls`'s MRO that is not ours: the diffusers pipeline it extends."""
+    for base in cls.__mro__:
+        if not issubclass(base, LieraLoaderMixin):
+            return base
+    raise TypeError(f"{cls.__name__} extends no diffusers pipeline")
+
+
+def enable_liera(pipe):
+    """Give a pipeline the user already has the loader methods, in place, and return it.
+
+    Its class becomes a subclass of its own class with `LieraLoaderMixin` in front (the named one from
+    `pipelines/` where there is one), so everything else about the pipeline stays as it was.
+    """
+    if isinstance(pipe, LieraLoaderMixin):
+        return pipe
+    base = type(pipe)
+    if not any(isinstance(getattr(pipe, c, None), nn.Module) for c in DENOISERS + TEXT_ENCODERS):
+        raise TypeError(f"{base.__name__} has no unet, transformer or text encoder to put adapters in")
+    cls = _LIERA_CLASSES.get(base)
+    if cls is None:
+        namespace = {"__module__": base.__module__, "_liera_made_up": True}
+        cls = type(f"Liera{base.__name__}", (LieraLoaderMixin, base), namespace)
+    pipe.__class__ = cls
+    return pipe

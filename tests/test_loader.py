@@ -1,0 +1,306 @@
+"""The pipeline loader on real (tiny) diffusers pipelines: load, mix, weigh, fuse, unload, refuse."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+import plugin
+from pipelines import LieraStableDiffusionPipeline, LieraStableDiffusionXLPipeline, enable_liera
+from plugin import AdapterFileError
+from plugin.layer import AdaptedLayer
+from plugin.loader import LieraLoaderMixin
+from tests import tiny_pipes as tiny
+
+SD_PARTS = ("unet", "text_encoder")
+XL_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    return tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """One adapter file per method, trained-like, for the tiny SD pipeline (same seed, same base)."""
+    maker = tiny.sd(tmp_path / "maker")
+    return {
+        method: tiny.adapter_file(tmp_path / f"{method}.safetensors", maker, method, seed=seed)
+        for seed, method in enumerate(["liera", "lora", "flora"], start=3)
+    }
+
+
+def same_weights(pipe, weights) -> bool:
+    now = weights_of(pipe)
+    return now.keys() == weights.keys() and all(torch.equal(now[k], v) for k, v in weights.items())
+
+
+def weights_of(pipe, parts=SD_PARTS):
+    return {f"{c}.{k}": v.clone() for c in parts for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def classes_of(pipe, parts=SD_PARTS):
+    return {f"{c}.{n}": type(m) for c in parts for n, m in getattr(pipe, c).named_modules()}
+
+
+def effective_weights(pipe, parts=SD_PARTS):
+    """The weight every adapted layer computes with right now (FORMAT.md's W')."""
+    with torch.no_grad():
+        return {
+            f"{c}.{path}": layer.adapted_weight(layer.unfused_terms_active())
+            for c in parts
+            for path, layer in plugin.adapted_layers(getattr(pipe, c)).items()
+        }
+
+
+@pytest.mark.parametrize("method", ["liera", "lora", "flora"])
+def test_from_pretrained_load_generate_and_weight_zero_is_the_base(tmp_path, files, method):
+    tiny.sd(tmp_path / "src").save_pretrained(tmp_path / "base")
+    pipe = LieraStableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    base = tiny.generate(pipe)
+
+    name = pipe.load_adapter(files[method], weight=1.0)
+    assert name == method and pipe.get_active_adapters() == [method]
+    assert pipe.get_list_adapters() == {"unet": [method], "text_encoder": [method]}
+    adapted = tiny.generate(pipe)
+    assert (adapted - base).abs().max() > 1e-2
+
+    pipe.set_adapters(method, 0.0)
+    assert torch.equal(tiny.generate(pipe), base)
+    pipe.set_adapters(method, 1.0)
+    pipe.disable_adapters()
+    assert torch.equal(tiny.generate(pipe), base) and pipe.get_active_adapters() == []
+    pipe.enable_adapters()
+    assert torch.equal(tiny.generate(pipe), adapted)
+    # The runtime scale reaches the UNet (forward hook) and the text encoder (encode_prompt's lora_scale).
+    assert torch.equal(tiny.generate(pipe, cross_attention_kwargs={"scale": 0.0}), base)
+    assert torch.equal(tiny.generate(pipe), adapted)  # ... and is reset after the call
+
+
+def test_an_existing_pipeline_gets_the_methods(tmp_path, files):
+    plain = tiny.sd(tmp_path)
+    base = tiny.generate(plain)
+    pipe = enable_liera(plain)
+    assert pipe is plain and type(pipe) is LieraStableDiffusionPipeline
+    assert isinstance(pipe, StableDiffusionPipeline)
+    pipe.load_adapter(files["liera"])
+    assert (tiny.generate(pipe) - base).abs().max() > 1e-2
+
+    img2img = enable_liera(StableDiffusionImg2ImgPipeline(**tiny.sd(tmp_path).components))
+    assert isinstance(img2img, LieraLoaderMixin) and isinstance(img2img, StableDiffusionImg2ImgPipeline)
+    assert type(img2img).__name__ == "LieraStableDiffusionImg2ImgPipeline"
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = tiny.generate(img2img, image=image, strength=0.9)
+    img2img.load_adapter(files["flora"])
+    assert (tiny.generate(img2img, image=image, strength=0.9) - before).abs().max() > 1e-2
+    with pytest.raises(TypeError, match="no unet, transformer or text encoder"):
+        enable_liera(object())
+
+
+def test_runtime_scale_equals_the_weight_for_additive_adapters(pipe, files):
+    pipe.load_adapter(files["lora"])
+    scaled = tiny.generate(pipe, cross_attention_kwargs={"scale": 0.5})
+    pipe.set_adapters("lora", 0.5)
+    assert torch.equal(tiny.generate(pipe), scaled)
+
+
+def test_set_adapters_weights_are_linear_for_additive_adapters(pipe, files):
+    base = {k: v for k, v in weights_of(pipe).items()}
+    pipe.load_adapter(files["lora"])
+    pipe.load_adapter(files["flora"])
+
+    def delta(weights):
+        pipe.set_adapters(["lora", "flora"], weights)
+        return {k: w - base[f"{k}.weight"] for k, w in effective_weights(pipe).items()}
+
+    lora, flora = delta([1.0, 0.0]), delta([0.0, 1.0])
+    for weights in ([0.5, 0.0], [2.0, -1.0], [0.3, 0.7]):
+        mixed = delta(weights)
+        for key in mixed:
+            expected = weights[0] * lora[key] + weights[1] * flora[key]
+            torch.testing.assert_close(mixed[key], expected, atol=1e-6, rtol=1e-5)
+    # Per-component weights, as diffusers' set_adapters takes them.
+    pipe.set_adapters(["lora"], [{"unet": 1.0, "text_encoder": 0.0}])
+    layers = {c: plugin.adapted_layers(getattr(pipe, c)) for c in SD_PARTS}
+    assert all(layer.active == {"lora": 1.0} for layer in layers["unet"].values())
+    assert all(layer.active == {"lora": 0.0} for layer in layers["text_encoder"].values())
+
+
+def test_lie_and_additive_adapters_mix_by_format_md_in_any_load_order(tmp_path, files):
+    from safetensors.torch import load_file
+
+    latents = []
+    for order in (["liera", "lora"], ["lora", "liera"]):
+        pipe = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+        for method in order:
+            pipe.load_adapter(files[method])
+        pipe.set_adapters(order, [{"liera": 0.7, "lora": 1.3}[m] for m in order])
+        latents.append(tiny.generate(pipe))
+    torch.testing.assert_close(latents[0], latents[1], atol=1e-6, rtol=0)
+
+    # One layer by hand from the files alone: W' = W ⊙ exp(m1 s1 D1) + m2 s2 D2.
+    liera, lora = load_file(files["liera"]), load_file(files["lora"])
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    layer = pipe.unet.get_submodule(path)
+    d1 = liera[f"unet.{path}.lora_up"] @ liera[f"unet.{path}.lora_down"]
+    d2 = lora[f"unet.{path}.lora_up"] @ lora[f"unet.{path}.lora_down"]
+    weight = layer.base_layer.weight
+    expected = (
+        weight * torch.exp(0.7 * liera[f"unet.{path}.scale"] * d1) + 1.3 * lora[f"unet.{path}.scale"] * d2
+    )
+    torch.testing.assert_close(effective_weights(pipe)[f"unet.{path}"], expected)
+
+
+def test_fused_and_unfused_generation_agree_and_unfuse_restores(pipe, files):
+    base_weights, base = weights_of(pipe), tiny.generate(pipe)
+    for method in files:
+        pipe.load_adapter(files[method])
+    pipe.set_adapters(["liera", "lora", "flora"], [0.8, 0.5, 1.2])
+    unfused = tiny.generate(pipe)
+    assert (unfused - base).abs().max() > 1e-2
+    pipe.fuse_adapters()
+    fused = tiny.generate(pipe)
+    torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=0)
+    # A fused pipeline with its adapters switched off computes the fused weights only.
+    pipe.disable_adapters()
+    torch.testing.assert_close(tiny.generate(pipe), fused, atol=2e-5, rtol=0)
+    pipe.enable_adapters()
+
+    pipe.unfuse_adapters()
+    after = {k.replace(".base_layer", ""): v for k, v in weights_of(pipe).items() if ".adapters." not in k}
+    worst = max((after[k] - v).abs().max().item() for k, v in base_weights.items())
+    # Measured: 6e-8 (2 ulp; float32 rounding of exp(X)·exp(-X) and W + A - A). The latents (|x| ~ 8)
+    # then move by ~2e-5 through two steps of a random network.
+    assert worst < 1e-6
+    torch.testing.assert_close(tiny.generate(pipe), unfused, atol=1e-4, rtol=0)
+
+    # Fusing a subset leaves the rest running unfused; the sum is still the same pipeline.
+    pipe.fuse_adapters(adapter_names=["liera"], components=["unet"])
+    torch.testing.assert_close(tiny.generate(pipe), unfused, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="no adapter named"):
+        pipe.fuse_adapters(adapter_names=["nope"])
+
+
+def test_unload_restores_the_original_modules(pipe, files):
+    classes, weights, base = classes_of(pipe), weights_of(pipe), tiny.generate(pipe)
+    pipe.load_adapter(files["liera"])
+    pipe.load_adapter(files["lora"])
+    assert isinstance(pipe.unet.down_blocks[0].resnets[0].conv1, AdaptedLayer)
+    pipe.unload_adapters()
+    assert classes_of(pipe) == classes
+    assert same_weights(pipe, weights)
+    assert pipe.get_list_adapters() == {} and not pipe.unet._forward_pre_hooks
+    assert torch.equal(tiny.generate(pipe), base)
+
+
+def test_delete_and_save_adapters(tmp_path, pipe, files):
+    pipe.load_adapter(files["liera"])
+    pipe.load_adapter(files["flora"])
+    adapted = tiny.generate(pipe)
+    path = pipe.save_adapter(tmp_path / "again.safetensors", "flora")
+    pipe.delete_adapters("liera")
+    assert pipe.get_list_adapters() == {"unet": ["flora"], "text_encoder": ["flora"]}
+    with pytest.raises(ValueError, match="no adapter named"):
+        pipe.delete_adapters("liera")
+    fresh = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    fresh.load_adapter(path)
+    assert torch.equal(tiny.generate(fresh), adapted)
+    assert plugin.read_adapter_file(path)[1]["format"] == "liera/1"
+
+
+def test_swapping_attention_processors_after_loading_keeps_the_adapters(pipe, files):
+    base = tiny.generate(pipe)
+    pipe.load_adapter(files["liera"])
+    adapted = tiny.generate(pipe)
+    for processor in (AttnProcessor(), AttnProcessor2_0()):
+        pipe.unet.set_attn_processor(processor)
+        # Float noise of another attention kernel (~2e-5 on |x| ~ 8), far below the adapter's effect.
+        torch.testing.assert_close(tiny.generate(pipe), adapted, atol=1e-4, rtol=0)
+    assert (adapted - base).abs().max() > 1e-2
+    if torch.cuda.is_available():
+        pytest.importorskip("xformers")
+        pipe.to("cuda").enable_xformers_memory_efficient_attention()
+        torch.testing.assert_close(tiny.generate(pipe).cpu(), adapted, atol=1e-3, rtol=0)
+
+
+def test_a_file_for_another_base_is_refused_and_the_pipeline_is_unchanged(tmp_path, pipe, files):
+    pipe.load_adapter(files["lora"])
+    weights, classes, adapted = weights_of(pipe), classes_of(pipe), tiny.generate(pipe)
+
+    other = tiny.sd(tmp_path / "other")
+    other.unet = type(other.unet)(**dict(tiny.UNET, cross_attention_dim=32, block_out_channels=(32, 48)))
+    wrong = tiny.adapter_file(tmp_path / "other.safetensors", other, "liera")
+    with pytest.raises(AdapterFileError, match=r"other\.safetensors: key unet\..* has shape .* needs"):
+        pipe.load_adapter(wrong)
+
+    # Two components, the second one wrong: nothing is loaded into the first one either.
+    good, _ = plugin.read_adapter_file(files["liera"])
+    bad, metadata = plugin.read_adapter_file(files["liera"])
+    key = next(k for k in bad if k.startswith("text_encoder.") and k.endswith("lora_down"))
+    bad[key] = torch.zeros(bad[key].shape[0], bad[key].shape[1] + 1)
+    with pytest.raises(AdapterFileError, match=r"has shape \(4, 33\), but the module's weight \(32, 32\)"):
+        pipe.load_adapter((bad, metadata), adapter_name="mixed")
+    with pytest.raises(AdapterFileError, match="already has an adapter named 'lora'"):
+        pipe.load_adapter(files["lora"])
+    with pytest.raises(AdapterFileError, match="pass metadata="):
+        pipe.load_adapter(good)
+
+    assert pipe.get_list_adapters() == {"unet": ["lora"], "text_encoder": ["lora"]}
+    assert classes_of(pipe) == classes and same_weights(pipe, weights)
+    assert torch.equal(tiny.generate(pipe), adapted)
+    pipe.load_adapter(good, adapter_name="from_state_dict", metadata=metadata)  # the same tensors, all fine
+
+
+def test_sdxl_two_text_encoders(tmp_path):
+    maker = tiny.sdxl(tmp_path / "maker")
+    path = tiny.adapter_file(tmp_path / "xl.safetensors", maker, "liera", components=XL_PARTS)
+    pipe = tiny.sdxl(tmp_path, LieraStableDiffusionXLPipeline)
+    base = tiny.generate(pipe)
+    pipe.load_adapter(path, adapter_name="xl")
+    assert sorted(pipe.get_list_adapters()) == sorted(XL_PARTS)
+    adapted = tiny.generate(pipe)
+    assert (adapted - base).abs().max() > 1e-2
+    assert torch.equal(tiny.generate(pipe, cross_attention_kwargs={"scale": 0.0}), base)
+    pipe.fuse_adapters()
+    torch.testing.assert_close(tiny.generate(pipe), adapted, atol=2e-5, rtol=0)
+    pipe.unfuse_adapters()
+    saved = pipe.save_adapter(tmp_path / "saved.safetensors")
+    components = {k.split(".")[0] for k in plugin.read_adapter_file(saved)[0]}
+    assert components == set(XL_PARTS)
+    pipe.unload_adapters()
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-4, rtol=0)
+
+
+def test_diffusers_loras_and_ours_in_one_pipeline(tmp_path, pipe, files):
+    """Our `set_adapters`/`get_*`/`delete_adapters` shadow diffusers' and still drive its PEFT LoRAs."""
+    from plugin.export import lora_state_dict, save_lora
+
+    attention_only = tiny.adapter_file(
+        tmp_path / "attn.safetensors", tiny.sd(tmp_path), "lora", targets="attn"
+    )
+    exporter = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    exporter.load_adapter(attention_only, adapter_name="lora")
+    save_lora(
+        tmp_path / "kohya.safetensors",
+        *lora_state_dict(exporter.liera_models(), "lora", rank=8, progress=False),
+    )
+    peft_only = tiny.sd(tmp_path)
+    peft_only.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
+    peft_latents = tiny.generate(peft_only)
+
+    # Ours on the resnet convs only (PEFT and we can't wrap the same layer), PEFT on attention.
+    pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
+    tensors, metadata = plugin.read_adapter_file(files["flora"])
+    convs = {k: v for k, v in tensors.items() if ".resnets." in k or "samplers" in k}
+    pipe.load_adapter((convs, metadata), adapter_name="ours")
+    assert pipe.get_list_adapters() == {"unet": ["ours", "peft"], "text_encoder": ["peft"]}
+    pipe.set_adapters(["peft"])
+    assert pipe.get_active_adapters() == ["peft"]
+    torch.testing.assert_close(tiny.generate(pipe), peft_latents, atol=1e-5, rtol=0)
+    pipe.set_adapters(["ours", "peft"], [1.0, 1.0])
+    both = tiny.generate(pipe)
+    assert (both - peft_latents).abs().max() > 1e-3
+    pipe.delete_adapters(["peft"])
+    assert pipe.get_list_adapters() == {"unet": ["ours"]}

@@ -1,0 +1,155 @@
+"""Tiny real diffusers pipelines (SD and SDXL) built from configs with random weights, nothing downloaded."""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import plugin
+from plugin import AdapterConfig
+from tests.conftest import randomize
+
+PROMPT = "a photo of a cat"
+UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=8,
+)
+
+
+def tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters: enough to turn prompts into ids offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[f"{letter}</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def text_config(**kwargs) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=64,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **kwargs,
+    )
+
+
+def vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def sd(folder: Path, cls=None, seed: int = 0):
+    """A tiny Stable Diffusion pipeline; the same seed always gives the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    components = dict(
+        unet=UNet2DConditionModel(**UNET, cross_attention_dim=32),
+        vae=vae(),
+        text_encoder=CLIPTextModel(text_config()),
+        tokenizer=tokenizer(folder / "tokenizer"),
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe = (cls or StableDiffusionPipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl(folder: Path, cls=None, seed: int = 0):
+    """A tiny SDXL pipeline: two text encoders, a UNet with `text_time` added conditioning."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        **UNET,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 32,
+    )
+    components = dict(
+        unet=unet,
+        vae=vae(),
+        text_encoder=CLIPTextModel(text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=32)),
+        tokenizer=tokenizer(folder / "tokenizer"),
+        tokenizer_2=tokenizer(folder / "tokenizer_2"),
+        scheduler=scheduler(),
+        add_watermarker=False,
+    )
+    pipe = (cls or StableDiffusionXLPipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(
+    pipe, prompt: str = PROMPT, seed: int = 0, output_type: str = "latent", **kwargs
+) -> torch.Tensor:
+    """Two DDIM steps with a fixed seed: the latents (or images) to compare."""
+    out = pipe(
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(seed),
+        output_type=output_type,
+        **kwargs,
+    )
+    return out.images if output_type == "latent" else torch.as_tensor(out.images)
+
+
+def adapter_file(
+    path: Path,
+    pipe,
+    method: str = "liera",
+    components=("unet", "text_encoder"),
+    seed: int = 2,
+    **config,
+) -> Path:
+    """Train-like file: an adapter on `pipe`'s components with random (non-zero) tensors, saved and removed."""
+    models = {c: getattr(pipe, c) for c in components}
+    for model in models.values():
+        plugin.add_adapter(model, AdapterConfig(method=method, rank=4, **config), "tmp")
+        randomize(model, std=0.1, seed=seed)
+    plugin.save_adapter(path, models, "tmp", base_model="tiny")
+    for model in models.values():
+        plugin.unload_adapters(model)
+    return path
