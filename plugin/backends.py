@@ -27,6 +27,19 @@ def _tensorly(fn: Callable, *args):
         return fn(*args)
 
 
+def _tucker_to_tensor_last_mode_first(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """TensorLy's `tucker_to_tensor`, multiplying the modes in reverse order.
+
+    `tucker_to_tensor` expands mode 0 (out channels) first, so the kernel modes are then multiplied
+    into an almost full-size tensor, unfolded and copied each time. Expanding the small kernel modes
+    first and mode 0 last builds the full-size tensor exactly once, as a plain matrix product.
+    """
+    result = core
+    for mode in reversed(range(core.ndim)):
+        result = tl.tenalg.mode_dot(result, factors[mode], mode)
+    return result
+
+
 class Backend(nn.Module):
     name: str
 
@@ -34,7 +47,8 @@ class Backend(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """`coefficient * D`, the coefficient folded into the smallest tensor (saves a full pass)."""
         raise NotImplementedError
 
     def delta_flops(self) -> int:
@@ -62,6 +76,12 @@ class Backend(nn.Module):
         raise NotImplementedError
 
 
+def _loaded(tensor: torch.Tensor) -> nn.Parameter:
+    # A fresh float32 copy: tensors read from a file can sit at unaligned addresses, where
+    # MKL's matmul rounds differently and a reloaded adapter would not match bit for bit.
+    return nn.Parameter(tensor.to(torch.float32, copy=True))
+
+
 def _factor_list(sizes: list[tuple[int, int]]) -> nn.ParameterList:
     return nn.ParameterList([nn.Parameter(torch.empty(rows, cols)) for rows, cols in sizes])
 
@@ -79,8 +99,8 @@ class LowRank(Backend):
         self.lora_up = nn.Parameter(torch.zeros(self.shape[0], r))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
 
-    def delta(self) -> torch.Tensor:
-        return (self.lora_up @ self.lora_down).reshape(self.shape)
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return ((coefficient * self.lora_up) @ self.lora_down).reshape(self.shape)
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.lora_up.shape[1]
@@ -107,8 +127,8 @@ class LowRank(Backend):
     @classmethod
     def from_tensors(cls, shape, tensors):
         backend = cls(shape, rank=1)
-        backend.lora_down = nn.Parameter(tensors["lora_down"].float())
-        backend.lora_up = nn.Parameter(tensors["lora_up"].float())
+        backend.lora_down = _loaded(tensors["lora_down"])
+        backend.lora_up = _loaded(tensors["lora_up"])
         return backend
 
 
@@ -125,13 +145,15 @@ class Tucker(Backend):
         for factor in self.tucker_factor:
             nn.init.orthogonal_(factor)
 
-    def delta(self) -> torch.Tensor:
-        return _tensorly(tl.tucker_to_tensor, (self.tucker_core, list(self.tucker_factor)))
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return _tensorly(
+            _tucker_to_tensor_last_mode_first, coefficient * self.tucker_core, list(self.tucker_factor)
+        )
 
     def delta_flops(self) -> int:
-        # Mode products one after another: each multiplies the running tensor by one factor.
+        # Mode products one after another, last mode first: each multiplies in one factor.
         size, flops = self.tucker_core.numel(), 0
-        for rows, cols in (f.shape for f in self.tucker_factor):
+        for rows, cols in (f.shape for f in reversed(self.tucker_factor)):
             flops += size * rows
             size = size // cols * rows
         return flops
@@ -147,9 +169,8 @@ class Tucker(Backend):
             return F.linear(F.linear(F.linear(x, in_factor.T), self.tucker_core), out_factor)
         ones = [1] * (x.ndim - 2)
         conv = _CONV[x.ndim - 2]
-        kernel = _tensorly(
-            tl.tenalg.multi_mode_dot, self.tucker_core, list(kernel_factors), list(range(2, len(self.shape)))
-        )
+        modes = list(range(2, len(self.shape)))
+        kernel = _tensorly(tl.tenalg.multi_mode_dot, self.tucker_core, list(kernel_factors), modes)
         hidden = conv(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
         hidden = layer._conv_forward(hidden, kernel, None)
         return conv(hidden, out_factor.reshape(*out_factor.shape, *ones))
@@ -172,9 +193,9 @@ class Tucker(Backend):
     @classmethod
     def from_tensors(cls, shape, tensors):
         backend = cls(shape, rank=1)
-        backend.tucker_core = nn.Parameter(tensors["tucker_core"].float())
+        backend.tucker_core = _loaded(tensors["tucker_core"])
         backend.tucker_factor = nn.ParameterList(
-            [nn.Parameter(tensors[f"tucker_factor.{i}"].float()) for i in range(len(shape))]
+            [_loaded(tensors[f"tucker_factor.{i}"]) for i in range(len(shape))]
         )
         return backend
 
@@ -193,8 +214,8 @@ class CP(Backend):
             nn.init.normal_(factor)
             factor.data /= factor.data.norm(dim=0, keepdim=True)
 
-    def delta(self) -> torch.Tensor:
-        return _tensorly(tl.cp_to_tensor, (self.cp_weights, list(self.cp_factor)))
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        return _tensorly(tl.cp_to_tensor, (coefficient * self.cp_weights, list(self.cp_factor)))
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.cp_weights.shape[0] * len(self.shape)
@@ -210,10 +231,8 @@ class CP(Backend):
     @classmethod
     def from_tensors(cls, shape, tensors):
         backend = cls(shape, rank=1)
-        backend.cp_weights = nn.Parameter(tensors["cp_weights"].float())
-        backend.cp_factor = nn.ParameterList(
-            [nn.Parameter(tensors[f"cp_factor.{i}"].float()) for i in range(len(shape))]
-        )
+        backend.cp_weights = _loaded(tensors["cp_weights"])
+        backend.cp_factor = nn.ParameterList([_loaded(tensors[f"cp_factor.{i}"]) for i in range(len(shape))])
         return backend
 
 

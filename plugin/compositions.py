@@ -45,28 +45,56 @@ def additive_sum(terms: list[Term]) -> torch.Tensor | None:
     return total
 
 
-def compose(weight: torch.Tensor, terms: list[Term]) -> torch.Tensor:
-    """FORMAT.md's adapted weight, in float32."""
-    result = weight.float()
-    factor = lie_factor(terms)
-    if factor is not None:
-        result = result * factor
+class _LieExp(torch.autograd.Function):
+    """`W ⊙ exp(U)` cast to `dtype`, keeping only its output for backward.
+
+    Plain autograd would keep `exp(U)` and the conv/linear keeps `W'`: two weight-sized copies.
+    Since d(W ⊙ exp(U))/dU = W', the output the layer keeps anyway is all backward needs.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        result = torch.exp(update).mul_(weight).to(dtype)
+        ctx.save_for_backward(result, update if ctx.needs_input_grad[0] else None)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        result, update = ctx.saved_tensors
+        grad_update = grad.float() * result.float() if ctx.needs_input_grad[1] else None
+        grad_weight = (grad.float() * torch.exp(update)).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_weight, grad_update, None
+
+
+def compose(weight: torch.Tensor, terms: list[Term], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FORMAT.md's adapted weight: computed in float32, returned as `dtype`."""
+    lie = [t for t in terms if t.composition == "lie"]
     total = additive_sum(terms)
+    if lie and all(t.lie_map == "exp" for t in lie):
+        # Π exp(U_k) = exp(Σ U_k): one exp, and a backward that keeps nothing but W'.
+        update = lie[0].update if len(lie) == 1 else sum(t.update for t in lie)
+        result = _LieExp.apply(weight, update, torch.float32 if total is not None else dtype)
+    elif lie:
+        result = weight.float() * lie_factor(lie)
+    else:
+        result = weight.float()
     if total is not None:
         result = result + total
-    return result
+    return result.to(dtype)
 
 
-def compose_over_fused(fused_weight: torch.Tensor, fused: list[Term], unfused: list[Term]) -> torch.Tensor:
+def compose_over_fused(
+    fused_weight: torch.Tensor, fused: list[Term], unfused: list[Term], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The weight with `unfused` applied on top of a weight that already has `fused` folded in.
 
     The additive part of `fused` must not be multiplied by the new lie factors, so it is taken
     out and added back: W_f = W ⊙ P_f + A_f  =>  W ⊙ P_f ⊙ P_u + A_f + A_u.
     """
     fused_additive = additive_sum(fused)
-    if fused_additive is None or lie_factor(unfused) is None:
-        return compose(fused_weight, unfused)
-    return compose(fused_weight.float() - fused_additive, unfused) + fused_additive
+    if fused_additive is None or not any(t.composition == "lie" for t in unfused):
+        return compose(fused_weight, unfused, dtype)
+    return (compose(fused_weight.float() - fused_additive, unfused) + fused_additive).to(dtype)
 
 
 def decompose(fused_weight: torch.Tensor, fused: list[Term]) -> torch.Tensor:

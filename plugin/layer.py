@@ -11,7 +11,6 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .backends import Backend
 from .compositions import Term, compose, compose_over_fused, decompose
@@ -30,7 +29,7 @@ class Adapter(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def term(self, multiplier: float) -> Term:
-        return Term(self.composition, self.lie_map, (multiplier * self.scale) * self.backend.delta())
+        return Term(self.composition, self.lie_map, self.backend.delta(multiplier * self.scale))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """FORMAT.md's tensors for this module, by parameter name."""
@@ -88,19 +87,12 @@ class AdaptedLayer(nn.Module):
         return layer._conv_forward(x, weight, layer.bias)
 
     def adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
-        """`W'` in the layer's dtype. While training, the float32 intermediates (exp(sD), ...)
-        are recomputed in backward instead of being kept: only `W'` itself stays saved."""
-
-        def build() -> torch.Tensor:
-            weight = self.base_layer.weight
-            unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
-            if self.fused:
-                return compose_over_fused(weight, self._fused_terms(), unfused).to(weight.dtype)
-            return compose(weight, unfused).to(weight.dtype)
-
-        if torch.is_grad_enabled() and any(p.requires_grad for a, _ in adapters for p in a.parameters()):
-            return checkpoint(build, use_reentrant=False, preserve_rng_state=False)
-        return build()
+        """`W'` in the layer's dtype, from the active unfused adapters on top of any fused ones."""
+        weight = self.base_layer.weight
+        unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
+        if self.fused:
+            return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
+        return compose(weight, unfused, weight.dtype)
 
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
