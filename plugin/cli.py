@@ -152,12 +152,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     pipe = load_pipeline(base, torch.float32, args.device)
     name = pipe.load_adapter(source, adapter_name="export")
     state, report = lora_state_dict(pipe.liera_models(), name, args.rank, args.energy, DTYPES[args.dtype])
-    info = {
-        "liera_source": source.name,
-        "liera_base_model": base,
-        "liera_rank": str(args.rank),
-        "liera_energy": str(args.energy),
-    }
+    info = {"liera_source": source.name, "liera_base_model": base}
+    info.update(
+        {f"liera_{k}": str(v) for k, v in [("rank", args.rank), ("energy", args.energy)] if v is not None}
+    )
     save_lora(out, state, report, info)
     print(format_table(report))
     print(f"wrote {out} ({lora_parameter_count(state):,} parameters, {args.dtype})")

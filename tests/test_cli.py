@@ -1,0 +1,124 @@
+"""`python -m plugin inspect | export | merge` on tiny saved pipelines and real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from pipelines import LieraStableDiffusionPipeline
+from plugin.cli import describe, main, parse_adapter
+from plugin.layer import AdaptedLayer
+from tests import tiny_pipes as tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    folder = tmp_path / "base"
+    tiny.sd(tmp_path / "src").save_pretrained(folder)
+    return folder
+
+
+def test_inspect_shows_format_composition_modules_ranks_and_size(tmp_path):
+    path = tiny.adapter_file(tmp_path / "subject.safetensors", tiny.sd(tmp_path), "liera")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "plugin", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    for line in (
+        "format       liera/1",
+        "composition  lie",
+        "lie map      exp",
+        "method       liera",
+        "base model   tiny",
+    ):
+        assert line in result.stdout
+    info = describe(path)
+    tensors = load_file(path)
+    assert info["parameters"] == sum(t.numel() for k, t in tensors.items() if not k.endswith(".scale"))
+    assert set(info["components"]) == {"unet", "text_encoder"}
+    assert info["modules"] == sum(info["components"].values()) == sum(info["backends"].values())
+    assert info["backends"].keys() == {"lowrank", "tucker"} and "lowrank r=4" in info["ranks"]
+
+
+def test_export_writes_a_lora_that_diffusers_loads(tmp_path, base_dir, capsys):
+    path = tiny.adapter_file(tmp_path / "style.safetensors", tiny.sd(tmp_path), "flora")
+    assert main(["export", str(path), "--base", str(base_dir), "--rank", "64", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "rel. error" in printed and "relative error mean" in printed
+    out = tmp_path / "style_lora.safetensors"
+    assert out.is_file()
+
+    ours = LieraStableDiffusionPipeline.from_pretrained(base_dir)
+    ours.set_progress_bar_config(disable=True)
+    ours.load_adapter(path)
+    reference = StableDiffusionPipeline.from_pretrained(base_dir)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(out))
+    torch.testing.assert_close(tiny.generate(reference), tiny.generate(ours), atol=1e-4, rtol=0)
+
+    info = describe(out)
+    assert info["format"].startswith("LoRA") and info["export"]["max_relative_error"] < 1e-5
+    assert main(["inspect", "--json", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == info["modules"]
+
+
+def test_merge_saves_a_plain_diffusers_pipeline_with_the_adapters_fused(tmp_path, base_dir):
+    maker = tiny.sd(tmp_path)
+    liera = tiny.adapter_file(tmp_path / "subject.safetensors", maker, "liera", seed=3)
+    lora = tiny.adapter_file(tmp_path / "style.safetensors", maker, "lora", seed=4)
+    out = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(base_dir),
+                "--adapter",
+                f"{liera}:0.7",
+                "--adapter",
+                str(lora),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    merged = DiffusionPipeline.from_pretrained(out)
+    merged.set_progress_bar_config(disable=True)
+    assert type(merged) is StableDiffusionPipeline
+    assert not any(isinstance(m, AdaptedLayer) for m in merged.unet.modules())
+
+    ours = LieraStableDiffusionPipeline.from_pretrained(base_dir)
+    ours.set_progress_bar_config(disable=True)
+    ours.load_adapter(liera)
+    ours.load_adapter(lora)
+    ours.set_adapters(["subject", "style"], [0.7, 1.0])
+    unfused = tiny.generate(ours)
+    ours.fuse_adapters()
+    torch.testing.assert_close(tiny.generate(merged), tiny.generate(ours), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiny.generate(merged), unfused, atol=1e-4, rtol=0)
+
+
+def test_cli_errors_and_adapter_specs(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no adapter file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="give --rank"):
+        main(["export", str(tmp_path / "a.safetensors"), "--base", "x"])
+    assert parse_adapter("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_adapter("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_adapter("C:\\runs\\a.safetensors") == ("C:\\runs\\a.safetensors", 1.0)
