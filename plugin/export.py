@@ -77,15 +77,17 @@ def lora_factors(
     if not torch.any(delta):
         return None
     backend = adapter.backend
-    own_rank = backend.lora_down.shape[0] if isinstance(backend, LowRank) else None
-    if adapter.composition != "additive":
-        own_rank = None
-    if own_rank is not None and energy is None and rank is not None and own_rank <= rank:
-        return (adapter.scale * backend.lora_up).float(), backend.lora_down.float(), True
+    if adapter.composition == "additive" and isinstance(backend, LowRank):
+        own_rank = backend.lora_down.shape[0]
+        own = (adapter.scale * backend.lora_up).float(), backend.lora_down.float(), True
+        if energy is None and rank is not None and own_rank <= rank:
+            return own
+    else:
+        own_rank, own = None, None
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = choose_rank(s, rank, energy)
-    if own_rank is not None and k >= own_rank:
-        return (adapter.scale * backend.lora_up).float(), backend.lora_down.float(), True
+    if own is not None and k >= own_rank:
+        return own
     root = s[:k].sqrt()
     return u[:, :k] * root, root[:, None] * vh[:k], False
 
