@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -36,11 +37,11 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
 DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
-PROMPTS_FILE = (
-    "prompts.json"  # optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ...}
-)
+# Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompt": ...}
+PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
+TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
 
@@ -339,21 +340,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(
             "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)"
         )
-    trackers = {
-        "all": [],
-        None: [],
-        "none": [],
-        "tensorboard": ["tensorboard"],
-        "wandb": ["wandb"],
-        "comet_ml": ["comet_ml"],
-    }
-    if args.report_to not in trackers:
-        parser.error(f"--report_to must be one of tensorboard, wandb, comet_ml, all; got {args.report_to!r}")
-    for package in trackers[args.report_to]:
-        if not _installed(package):
-            parser.error(f"--report_to {args.report_to}: the {package} package is not installed")
     if args.report_to == "none":
         args.report_to = None
+    if args.report_to not in (None, "all", *TRACKERS):
+        parser.error(f"--report_to must be one of {', '.join(TRACKERS)}, all, none; got {args.report_to!r}")
+    if args.report_to in TRACKERS and not _installed(args.report_to):
+        parser.error(f"--report_to {args.report_to}: the {args.report_to} package is not installed")
 
 
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
@@ -363,8 +355,6 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, name: s
 
 
 def _installed(package: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(package) is not None
 
 
@@ -475,7 +465,6 @@ from diffusers import (  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 from diffusers.utils import make_image_grid  # noqa: E402
-from diffusers.utils.torch_utils import is_compiled_module  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
 
@@ -524,7 +513,7 @@ def load_pipeline(
     )
     for name, module in pipeline.components.items():
         if name not in components and isinstance(module, torch.nn.Module):
-            module.to(device, dtype)
+            module.to(device, dtype=None if dtype == torch.float32 else dtype)
     return pipeline
 
 
@@ -618,43 +607,44 @@ def save_checkpoint(
 
 
 def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
-    """A short README.md in --output_dir: what was trained on what, how to load it, what it does."""
+    """A short README.md in --output_dir: what was trained on what, how to load it, how it did."""
     base = display_name(args.pretrained_model_name_or_path)
+    prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
+    conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
     card = f"""---
 base_model: {base}
 instance_prompt: {args.instance_prompt}
-tags:
-- text-to-image
-- diffusers
-- dreambooth
-- {args.adapter}
+tags: [text-to-image, diffusers, dreambooth, {args.adapter}]
 ---
 
 # {args.adapter} DreamBooth adapter for {base}
 
-A `{args.adapter}` adapter (format `liera/1`, rank {args.rank}, conv rank {args.conv_rank or args.rank},
-targets `{args.targets}`) trained with DreamBooth on {args.num_instance_images} images of
-"{args.instance_prompt}"{" with prior preservation" if args.with_prior_preservation else ""}, for
-{metrics["steps"]} steps at resolution {args.resolution}, learning rate {args.learning_rate}.
-Text-encoder adapter: {args.train_text_encoder}.
+Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
+"{args.instance_prompt}"{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
+learning rate {args.learning_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
+scale {args.scale}, targets `{args.targets}`), text encoder adapted: {args.train_text_encoder}.
+The file is `adapter.safetensors` in the `liera/1` format (FORMAT.md).
 
 ```python
-import plugin
-from diffusers import StableDiffusionPipeline
+from pipelines import LieraStableDiffusionPipeline
 
-pipe = StableDiffusionPipeline.from_pretrained("{base}")
-plugin.load_adapter("{args.output_dir}", {{"unet": pipe.unet, "text_encoder": pipe.text_encoder}})
+pipe = LieraStableDiffusionPipeline.from_pretrained("{base}")
+pipe.load_adapter("{args.output_dir}")
 image = pipe("{args.validation_prompt}").images[0]
 ```
 
-| | before | after |
+| | base model | with the adapter |
 | --- | --- | --- |
-| held-out denoising loss on the subject images | {metrics.get("heldout_loss_before", float("nan")):.4f} | {metrics.get("heldout_loss_after", float("nan")):.4f} |
+| held-out denoising loss on the subject images | {metrics["heldout_loss_before"]:.4f} | {metrics["heldout_loss_after"]:.4f} |
 
-Training loss: {metrics.get("loss_start", float("nan")):.4f} (first steps) to {metrics.get("loss_end", float("nan")):.4f} (last steps).
+Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]:.4f} at the start,
+{metrics["loss_end"]:.4f} at the end. Details in `metrics.json`.
 """
     if (Path(args.output_dir) / "validation" / "before_after.png").exists():
-        card += f'\n"{args.validation_prompt}", before (top) and after (bottom):\n\n![before and after](validation/before_after.png)\n'
+        card += (
+            f'\n"{args.validation_prompt}", base model (top) and with the adapter (bottom), same seeds:\n\n'
+            "![before and after](validation/before_after.png)\n"
+        )
     Path(args.output_dir, "README.md").write_text(card)
 
 
@@ -758,8 +748,7 @@ def main(args: argparse.Namespace) -> dict:
             text_encoder.gradient_checkpointing_enable()
 
     def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-        model = accelerator.unwrap_model(model)
-        return model._orig_mod if is_compiled_module(model) else model
+        return accelerator.unwrap_model(model)
 
     def training_pipeline() -> StableDiffusionPipeline:
         """The base pipeline around the models being trained, adapters included, for validation."""
