@@ -32,6 +32,8 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # Module paths whose diffusers name readers mangle: use the original (sgm) name, as kohya does.
 SGM_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# transformers 5's CLIPTextModel dropped its `text_model.` level; LoRA files keep it (`lora_te_text_model_...`).
+CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm")
 
 
 @dataclass
@@ -93,9 +95,11 @@ def lora_factors(
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
-    """`lora_unet_down_blocks_0_..._to_q` for `down_blocks.0.....to_q`."""
+    """`lora_unet_down_blocks_0_..._to_q` for `down_blocks.0.....to_q`, in the names LoRA files use."""
     if prefix == "lora_unet_":
         module_path = SGM_NAMES.get(module_path, module_path)
+    elif module_path.startswith(CLIP_TEXT_MODEL_PARTS):
+        module_path = f"text_model.{module_path}"
     return prefix + module_path.replace(".", "_")
 
 
