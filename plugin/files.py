@@ -155,6 +155,7 @@ def plan_load(
     plan: dict[str, dict] = {}
     for (component, module), params in grouped.items():
         prefix = f"{component}.{module}"
+        module = _same_module(module, layers[component])
         layer = layers[component].get(module)
         if layer is None:
             raise AdapterFileError(
@@ -184,6 +185,15 @@ def plan_load(
         backend = backend_cls.from_tensors(shape, params).to(layer.weight.device)
         plan.setdefault(component, {})[module] = (backend, float(scale))
     return plan, config
+
+
+def _same_module(module: str, layers: Mapping[str, nn.Module]) -> str:
+    """transformers 5's CLIPTextModel lost its `text_model.` level: a file from either version names
+    the same layer (diffusers' LoRA loader does the same)."""
+    if module in layers:
+        return module
+    alias = module.removeprefix("text_model.") if module.startswith("text_model.") else f"text_model.{module}"
+    return alias if alias in layers else module
 
 
 def _config_from(metadata: dict[str, str], composition: str, lie_map: str) -> AdapterConfig:
