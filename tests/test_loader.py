@@ -304,3 +304,17 @@ def test_diffusers_loras_and_ours_in_one_pipeline(tmp_path, pipe, files):
     assert (both - peft_latents).abs().max() > 1e-3
     pipe.delete_adapters(["peft"])
     assert pipe.get_list_adapters() == {"unet": ["ours"]}
+
+
+def test_files_from_either_transformers_version_load(tmp_path, pipe, files):
+    """transformers 4 named CLIPTextModel's layers `text_model.encoder...`; 5 names them `encoder...`."""
+    pipe.load_adapter(files["liera"], adapter_name="now")
+    expected = tiny.generate(pipe)
+    pipe.unload_adapters()
+    tensors, metadata = plugin.read_adapter_file(files["liera"])
+    assert any(k.startswith("text_encoder.encoder.") for k in tensors)
+    older = {
+        k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): v for k, v in tensors.items()
+    }
+    pipe.load_adapter((older, metadata), adapter_name="older")
+    assert torch.equal(tiny.generate(pipe), expected)
