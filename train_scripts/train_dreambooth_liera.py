@@ -557,7 +557,7 @@ def log_validation(
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # mixed precision: the adapters stay float32
         images = pipeline(
             [args.validation_prompt] * args.num_validation_images,
             num_inference_steps=args.validation_inference_steps,
@@ -611,6 +611,9 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     base = display_name(args.pretrained_model_name_or_path)
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
+    metrics = {
+        k: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
+    }
     card = f"""---
 base_model: {base}
 instance_prompt: {args.instance_prompt}
@@ -635,10 +638,10 @@ image = pipe("{args.validation_prompt}").images[0]
 
 | | base model | with the adapter |
 | --- | --- | --- |
-| held-out denoising loss on the subject images | {metrics["heldout_loss_before"]:.4f} | {metrics["heldout_loss_after"]:.4f} |
+| held-out denoising loss on the subject images | {metrics["heldout_loss_before"]} | {metrics["heldout_loss_after"]} |
 
-Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]:.4f} at the start,
-{metrics["loss_end"]:.4f} at the end. Details in `metrics.json`.
+Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} at the start,
+{metrics["loss_end"]} at the end. Details in `metrics.json`.
 """
     if (Path(args.output_dir) / "validation" / "before_after.png").exists():
         card += (
@@ -884,7 +887,8 @@ def main(args: argparse.Namespace) -> dict:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    train_loss = 0.0
+    step_losses = []  # of the batches accumulated into the current step
+    loop_start = time.time()
     for epoch in range(first_epoch, args.num_train_epochs):
         unet.train()
         if args.train_text_encoder:
@@ -932,10 +936,8 @@ def main(args: argparse.Namespace) -> dict:
                 else:
                     loss = per_example.mean()
 
-                # The mean over all processes, for the loss curve.
-                train_loss += (
-                    accelerator.gather(loss.detach()[None]).mean().item() / args.gradient_accumulation_steps
-                )
+                # The mean over all processes and accumulated batches, for the loss curve.
+                step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
@@ -946,9 +948,9 @@ def main(args: argparse.Namespace) -> dict:
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
-                losses.append(train_loss)
-                accelerator.log({"train_loss": train_loss}, step=global_step)
-                train_loss = 0.0
+                losses.append(sum(step_losses) / len(step_losses))
+                accelerator.log({"train_loss": losses[-1]}, step=global_step)
+                step_losses = []
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
                         save_checkpoint(accelerator, args, global_step, losses)
@@ -965,7 +967,7 @@ def main(args: argparse.Namespace) -> dict:
             if global_step >= args.max_train_steps:
                 break
     progress_bar.close()
-    train_seconds = time.time() - start_time
+    train_seconds = time.time() - loop_start
 
     # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
     # and measure the held-out loss with the adapter off (the base model) and on.
@@ -997,17 +999,18 @@ def main(args: argparse.Namespace) -> dict:
         for label, enabled in [("before", False), ("after", True)]:
             plugin.enable_adapters(pipeline.unet, enabled)
             plugin.enable_adapters(pipeline.text_encoder, enabled)
-            heldout[label] = denoising_loss(
-                pipeline.unet,
-                pipeline.vae,
-                pipeline.text_encoder,
-                pipeline.tokenizer,
-                noise_scheduler,
-                images,
-                args.instance_prompt,
-                args.resolution,
-                seed=args.seed,
-            )
+            with accelerator.autocast():
+                heldout[label] = denoising_loss(
+                    pipeline.unet,
+                    pipeline.vae,
+                    pipeline.text_encoder,
+                    pipeline.tokenizer,
+                    noise_scheduler,
+                    images,
+                    args.instance_prompt,
+                    args.resolution,
+                    seed=args.seed,
+                )
         logger.info(
             f"Held-out denoising loss on the subject: {heldout['before']:.4f} -> {heldout['after']:.4f}"
         )
@@ -1022,15 +1025,15 @@ def main(args: argparse.Namespace) -> dict:
                     both.paste(after, (0, before.height))
                     both.save(folder / "before_after.png")
 
-        window = max(1, min(10, len(losses) // 10))
+        window = max(1, len(losses) // 10)  # the loss is noisy (random timesteps): average 10% of the steps
         metrics = {
             "adapter": args.adapter,
             "steps": global_step,
             "wall_time_s": round(time.time() - start_time, 1),
-            "train_time_s": round(train_seconds, 1),
+            "train_loop_time_s": round(train_seconds, 1),
             "num_processes": accelerator.num_processes,
-            "loss_start": float(np.mean(losses[:window])) if losses else None,
-            "loss_end": float(np.mean(losses[-window:])) if losses else None,
+            "loss_start": round(float(np.mean(losses[:window])), 6) if losses else None,
+            "loss_end": round(float(np.mean(losses[-window:])), 6) if losses else None,
             "loss_window": window,
             "heldout_loss_before": heldout["before"],
             "heldout_loss_after": heldout["after"],
@@ -1040,8 +1043,8 @@ def main(args: argparse.Namespace) -> dict:
         Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
         write_model_card(args, metrics)
         logger.info(
-            f"Done in {metrics['wall_time_s']} s: loss {metrics['loss_start']:.4f} -> {metrics['loss_end']:.4f}; "
-            f"outputs in {args.output_dir}"
+            f"Done in {metrics['wall_time_s']} s: loss {metrics['loss_start']} -> {metrics['loss_end']} "
+            f"(means of {window} steps); outputs in {args.output_dir}"
         )
     accelerator.end_training()
     return metrics
