@@ -54,7 +54,12 @@ class _LieExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        result = torch.exp(update).mul_(weight).to(dtype)
+        if ctx.needs_input_grad[0] or dtype != update.dtype:
+            result = torch.exp(update).mul_(weight).to(dtype)
+        else:
+            # `update` is a fresh intermediate nobody else keeps: reuse its memory.
+            result = update.exp_().mul_(weight)
+            ctx.mark_dirty(update)
         ctx.save_for_backward(result, update if ctx.needs_input_grad[0] else None)
         return result
 

@@ -49,6 +49,7 @@ class AdaptedLayer(nn.Module):
         self.fused: dict[str, float] = {}  # adapter name -> multiplier it was fused with
         self.enabled = True
         self.runtime_scale = 1.0  # diffusers' `cross_attention_kwargs={"scale": x}`
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
 
     def __getattr__(self, name: str):
         # Code that reads `in_features`, `weight`, `stride`, ... of the layer keeps working.
@@ -78,7 +79,25 @@ class AdaptedLayer(nn.Module):
                 update = adapter.backend.bypass(self.base_layer, x.to(adapter.scale.dtype))
                 out = out + ((multiplier * adapter.scale) * update).to(out.dtype)
             return out
-        return self._forward_with_weight(x, self.adapted_weight(adapters))
+        if torch.is_grad_enabled():
+            self._weight_cache = None
+            return self._forward_with_weight(x, self.adapted_weight(adapters))
+        return self._forward_with_weight(x, self._cached_adapted_weight(adapters))
+
+    def _cached_adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
+        """Inference runs many denoising steps with the same adapters: rebuild `W'` only when a
+        multiplier or any tensor changed (in-place edits bump a tensor's `_version`). This costs
+        one copy of the weight while unfused; `fuse_adapters` costs none."""
+        tensors = [self.base_layer.weight, *(p for a, _ in adapters for p in a.parameters())]
+        key = (
+            tuple((id(a), m) for a, m in adapters),
+            tuple((id(t), t._version) for t in tensors),
+            tuple(self.fused.items()),
+        )
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = None  # free the old copy before building the new one
+            self._weight_cache = (key, self.adapted_weight(adapters))
+        return self._weight_cache[1]
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.base_layer
@@ -123,6 +142,7 @@ class AdaptedLayer(nn.Module):
         new = {name: self.active.get(name, 1.0) * scale for name in names if name not in self.fused}
         if not new:
             return
+        self._weight_cache = None
         weight = self.base_layer.weight
         terms = [self.adapters[name].term(multiplier) for name, multiplier in new.items()]
         fused = (
@@ -136,6 +156,7 @@ class AdaptedLayer(nn.Module):
         """Take every fused adapter out of the base weight again (exact up to float rounding)."""
         if not self.fused:
             return
+        self._weight_cache = None
         weight = self.base_layer.weight
         weight.copy_(decompose(weight, self._fused_terms()).to(weight.dtype))
         self.fused.clear()

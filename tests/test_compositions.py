@@ -164,3 +164,19 @@ def test_runtime_scale_and_weights_are_linear_for_additive():
         runtime_half = block(x)
     torch.testing.assert_close(half, (base + one) / 2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(runtime_half, half, rtol=1e-6, atol=1e-6)
+
+
+def test_inference_weight_cache_follows_every_change():
+    block = adapted_block([("lie", "tucker", "exp")])
+    x = torch.randn(4, 6, 7, 7)
+    with torch.no_grad():
+        first = block(x)
+        assert torch.equal(block(x), first)  # second call reuses the cached W'
+        block.conv.adapters["a0"].backend.tucker_core.mul_(2)  # an optimiser-style in-place edit
+        torch.testing.assert_close(block(x), reference(block, [("a0", 1.0)], x), rtol=1e-5, atol=1e-5)
+        plugin.set_adapters(block, ["a0"], [0.25])
+        quarter = reference(block, [("a0", 0.25)], x)
+        torch.testing.assert_close(block(x), quarter, rtol=1e-5, atol=1e-5)
+        plugin.fuse_adapters(block)
+        torch.testing.assert_close(block(x), quarter, rtol=1e-5, atol=1e-5)
+    assert block.conv._weight_cache is None  # fusing dropped the cached copy
