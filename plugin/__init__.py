@@ -2,6 +2,8 @@
 
 from .backends import BACKEND_CLASSES, CP, Backend, LowRank, Tucker
 from .config import METHODS, TARGET_PRESETS, AdapterConfig
+from .export import lora_state_dict as export_lora
+from .export import save_lora
 from .files import (
     FORMAT_VERSION,
     AdapterFileError,
@@ -26,6 +28,7 @@ from .inject import (
     unload_adapters,
 )
 from .layer import AdaptedLayer, Adapter
+from .loader import LieraLoaderMixin, enable_liera
 
 __all__ = [
     "BACKEND_CLASSES",
@@ -38,6 +41,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterFileError",
     "Backend",
+    "LieraLoaderMixin",
     "LowRank",
     "Tucker",
     "active_adapters",
@@ -47,11 +51,14 @@ __all__ = [
     "delete_adapters",
     "disable_adapters",
     "enable_adapters",
+    "enable_liera",
+    "export_lora",
     "fuse_adapters",
     "list_adapters",
     "load_adapter",
     "read_adapter_file",
     "save_adapter",
+    "save_lora",
     "set_adapters",
     "set_runtime_scale",
     "trainable_parameters",
