@@ -119,11 +119,28 @@ def test_ranks_clip_to_mode_sizes_and_lists_need_tucker():
 
 def test_tensorly_backend_of_the_user_is_untouched():
     tl.set_backend("numpy")
+    with tl.backend_context("pytorch"):  # the user's own setting survives our calls inside it
+        Tucker((8, 6, 3, 3), 2).delta()
+        assert tl.get_backend() == "pytorch"
     Tucker((8, 6, 3, 3), 2).delta()
     CP((8, 6, 3, 3), 2).delta()
-    seen_elsewhere = []
-    thread = threading.Thread(target=lambda: seen_elsewhere.append(tl.get_backend()))
-    thread.start()
-    thread.join()
     assert tl.get_backend() == "numpy"
-    assert seen_elsewhere == ["numpy"]
+
+    # A thread that never chose a backend follows the global default, also after our calls
+    # (tl.backend_context would leave it pinned to the backend it had before).
+    computed, changed, seen = threading.Event(), threading.Event(), []
+
+    def worker():
+        Tucker((8, 6, 3, 3), 2).delta()
+        computed.set()
+        changed.wait(10)
+        seen.append(tl.get_backend())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    computed.wait(10)
+    tl.set_backend("pytorch")  # the user's program changes the global default
+    changed.set()
+    thread.join()
+    tl.set_backend("numpy")
+    assert seen == ["pytorch"]
