@@ -1,0 +1,90 @@
+"""Smoke tests: each benchmark runs end to end on tiny settings and writes its results.
+
+The real runs (SD 1.5 UNet, toy base) take many minutes and are not part of the test suite; see the
+README's Benchmarks section for their commands.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import quality, speed
+from tests.conftest import TINY_UNET
+from tests.dreambooth_fixtures import build_tiny_pipeline, make_subject
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("speed") / "tiny_unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+TINY_SPEED = [
+    "--latent-size",
+    "8",
+    "--warmup",
+    "1",
+    "--steps",
+    "1",
+    "--infer-steps",
+    "1",
+    "--load-repeats",
+    "1",
+]
+
+
+@needs_proc
+def test_speed_benchmark_measures_every_contender_and_writes_tables(tiny_config, tmp_path):
+    argv = ["--config", str(tiny_config), *TINY_SPEED, "--output-dir", str(tmp_path), "--in-process"]
+    payload = speed.main(argv)
+
+    summary = payload["summary"]
+    assert list(summary) == list(speed.CONTENDERS)
+    assert len({row["modules"] for row in summary.values()}) == 1  # same targets for every contender
+    assert summary["lora"]["params"] == summary["peft-lora"]["params"]  # LoRA r=8 counts as PEFT's
+    assert summary["flora"]["params"] < summary["peft-lora"]["params"]
+    for row in summary.values():
+        assert row["train_step_s"] > 0 and row["fused_s"] > 0 and row["load_fuse_s"] > 0
+    assert payload["goals"] and {"met", "value", "limit"} <= set(payload["goals"][0])
+    table = (tmp_path / "speed.md").read_text()
+    assert "train ×PEFT" in table and "`liera-tucker-exp`" in table and "versions:" in table
+    assert (tmp_path / "speed.png").stat().st_size > 0
+    assert json.loads((tmp_path / "speed.json").read_text())["environment"]["versions"]["torch"]
+
+
+@needs_proc
+def test_speed_worker_runs_in_its_own_process(tiny_config):
+    args = speed.parse_args(["--config", str(tiny_config), *TINY_SPEED])
+    result = speed.spawn_worker(args, "liera-tucker-exp", ["--config", str(tiny_config), *TINY_SPEED])
+    assert result["contender"] == "liera-tucker-exp" and result["peak_mib"] >= 0
+
+
+def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
+    base = build_tiny_pipeline(tmp_path / "tiny-sd")
+    subject = make_subject(tmp_path / "subject")
+    argv = [
+        "--base", str(base), "--subject", str(subject), "--methods", "liera", "--budgets", "small",
+        "--seeds", "0", "--max-train-steps", "2", "--train-batch-size", "1", "--num-prompts", "2",
+        "--subject-samples", "2", "--class-images", "2", "--eval-timesteps", "2", "--eval-noises", "1",
+        "--inference-steps", "2", "--work-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    payload = quality.main(argv)
+
+    (run,) = payload["runs"]
+    assert run["method"] == "liera" and run["params"] > 0
+    for key in ("subject_fit", "prior_drift", "prompt_accuracy", "subject_rate"):
+        assert run[key] == run[key]  # a number, not NaN
+    out = tmp_path / "out"
+    assert "subject loss ×base" in (out / "quality.md").read_text()
+    assert (out / "quality_fit_vs_drift.png").stat().st_size > 0
+    assert (out / "quality_samples_liera.png").stat().st_size > 0
+    # A second call reuses the finished run instead of training again.
+    mtime = (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime
+    quality.main([*argv, "--no-plot"])
+    assert (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime == mtime
