@@ -54,12 +54,7 @@ class _LieExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if ctx.needs_input_grad[0] or dtype != update.dtype:
-            result = torch.exp(update).mul_(weight).to(dtype)
-        else:
-            # `update` is a fresh intermediate nobody else keeps: reuse its memory.
-            result = update.exp_().mul_(weight)
-            ctx.mark_dirty(update)
+        result = torch.exp(update).mul_(weight).to(dtype)
         ctx.save_for_backward(result, update if ctx.needs_input_grad[0] else None)
         return result
 
@@ -78,7 +73,11 @@ def compose(weight: torch.Tensor, terms: list[Term], dtype: torch.dtype = torch.
     if lie and all(t.lie_map == "exp" for t in lie):
         # Π exp(U_k) = exp(Σ U_k): one exp, and a backward that keeps nothing but W'.
         update = lie[0].update if len(lie) == 1 else sum(t.update for t in lie)
-        result = _LieExp.apply(weight, update, torch.float32 if total is not None else dtype)
+        result_dtype = torch.float32 if total is not None else dtype
+        if torch.is_grad_enabled() and (update.requires_grad or weight.requires_grad):
+            result = _LieExp.apply(weight, update, result_dtype)
+        else:  # nothing to differentiate: `update` is a fresh intermediate, reuse its memory
+            result = update.exp_().mul_(weight).to(result_dtype)
     elif lie:
         result = weight.float() * lie_factor(lie)
     else:
