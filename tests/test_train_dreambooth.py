@@ -226,7 +226,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
         ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     )
     assert args.instance_prompt == "a sks circle" and args.validation_prompt == "a sks circle"
-    assert args.output_dir == os.path.join("runs", "dreambooth-liera")
+    assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
+    assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
+    assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
 
 
 def test_a_bad_argument_stops_the_launched_script_before_any_model_loads(tiny, tmp_path):

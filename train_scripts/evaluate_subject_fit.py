@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How well an adapter fits its DreamBooth subject: the held-out denoising loss, base vs adapted.
 
-    python train_scripts/evaluate_subject_fit.py runs/dreambooth-liera
+    python train_scripts/evaluate_subject_fit.py outputs/dreambooth-liera
     python train_scripts/evaluate_subject_fit.py my-run/adapter.safetensors \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --resolution 512

@@ -7,7 +7,7 @@
       --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
       --instance_data_dir dog --instance_prompt "a photo of sks dog" \\
       --with_prior_preservation --class_data_dir dog-class --class_prompt "a photo of dog" \\
-      --resolution 512 --train_batch_size 1 --learning_rate 1e-4 --max_train_steps 500 \\
+      --resolution 512 --train_batch_size 1 --learning_rate 1e-3 --max_train_steps 500 \\
       --adapter liera --rank 8 --validation_prompt "a photo of sks dog in a bucket"
 
 Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter`, `--backend`,
@@ -41,6 +41,8 @@ DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
 PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
+DEFAULT_MAX_TRAIN_STEPS = 300
+DEFAULT_LEARNING_RATES = {"liera": 1e-2, "flora": 3e-3, "lora": 1e-3}
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
@@ -125,22 +127,35 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--output_dir",
         type=str,
         default=None,
-        help="Where the run writes everything. Default: runs/dreambooth-<adapter>.",
+        help="Where the run writes everything. Default: outputs/dreambooth-<adapter>.",
     )
     train.add_argument("--seed", type=int, default=0, help="Seed of every random draw of the run.")
     train.add_argument(
         "--train_text_encoder", action="store_true", help="Also put adapters on the text encoder."
     )
     train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
-    train.add_argument("--num_train_epochs", type=int, default=1)
     train.add_argument(
-        "--max_train_steps", type=int, default=300, help="Optimizer steps; overrides --num_train_epochs."
+        "--num_train_epochs", type=int, default=None, help="Epochs, if --max_train_steps is unset."
+    )
+    train.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help=f"Optimizer steps; overrides --num_train_epochs. Default: {DEFAULT_MAX_TRAIN_STEPS} unless "
+        "--num_train_epochs is given.",
     )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument(
         "--gradient_checkpointing", action="store_true", help="Recompute activations in backward."
     )
-    train.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate (after warm-up).")
+    train.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate (after warm-up). Default: per --adapter, "
+        + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items())
+        + " (best on the toy base; a lie adapter changes W by W*sD, so it needs a larger step than W + sD).",
+    )
     train.add_argument(
         "--scale_lr",
         action="store_true",
@@ -276,6 +291,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         _positive(parser, args, name)
     for name in ["sample_batch_size", "num_class_images", "checkpoints_total_limit", "resolution"]:
         _positive(parser, args, name)
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
     if args.num_validation_images < 0:
@@ -329,7 +348,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     args.num_instance_images = len(instance_images)
 
     if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"dreambooth-{args.adapter}")
+        args.output_dir = os.path.join("outputs", f"dreambooth-{args.adapter}")
     if args.resume_from_checkpoint not in (None, "latest"):
         candidates = [Path(args.resume_from_checkpoint), Path(args.output_dir, args.resume_from_checkpoint)]
         if not any((path / ADAPTER_FILENAME).is_file() for path in candidates):

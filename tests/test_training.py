@@ -1,0 +1,86 @@
+"""plugin.training: the reproducible pieces the DreamBooth script is built from."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+
+import plugin
+from plugin import AdapterConfig
+from plugin.training import (
+    EpochSampler,
+    collate_fn,
+    copy_adapter_tensors,
+    prediction_target,
+    seeded_generator,
+    to_model_input,
+)
+from tests.conftest import TINY_UNET, randomize
+
+
+def test_random_draws_depend_only_on_their_keys():
+    a = torch.randn(4, generator=seeded_generator(1, 0, 7))
+    assert torch.equal(a, torch.randn(4, generator=seeded_generator(1, 0, 7)))
+    assert not torch.equal(a, torch.randn(4, generator=seeded_generator(1, 0, 8)))
+    assert not torch.equal(a, torch.randn(4, generator=seeded_generator(2, 0, 7)))
+
+
+def test_the_shuffle_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    again = EpochSampler(10, seed=3)
+    again.set_epoch(2)
+    assert list(again) == order  # a fresh sampler (a resumed run) sees the same epoch
+    again.set_epoch(3)
+    assert list(again) != order
+
+
+def test_images_become_square_model_inputs_with_reproducible_crops():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8))
+    centre = to_model_input(image, 32, center_crop=True)
+    assert centre.shape == (3, 32, 32) and centre.min() >= -1 and centre.max() <= 1
+    crop = to_model_input(image, 32, center_crop=False, rng=np.random.default_rng([1, 2]))
+    assert torch.equal(crop, to_model_input(image, 32, center_crop=False, rng=np.random.default_rng([1, 2])))
+
+
+def test_prior_preservation_batches_put_class_examples_second():
+    example = {
+        "instance_images": torch.zeros(3, 4, 4),
+        "instance_prompt_ids": torch.tensor([1, 2]),
+        "class_images": torch.ones(3, 4, 4),
+        "class_prompt_ids": torch.tensor([3, 4]),
+    }
+    batch = collate_fn([example, example], with_prior_preservation=True)
+    assert batch["pixel_values"].shape == (4, 3, 4, 4)
+    assert batch["pixel_values"][2:].eq(1).all() and batch["input_ids"][2:].eq(torch.tensor([3, 4])).all()
+
+
+def test_v_prediction_targets_the_velocity():
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert torch.equal(
+        prediction_target(scheduler, latents, noise, t), scheduler.get_velocity(latents, noise, t)
+    )
+    assert prediction_target(DDPMScheduler(), latents, noise, t) is noise
+
+
+def test_copying_a_checkpoint_into_live_adapters_keeps_the_parameters():
+    torch.manual_seed(0)
+    trained = UNet2DConditionModel(**TINY_UNET)
+    plugin.add_adapter(trained, AdapterConfig(method="liera", rank=2), "default")
+    randomize(trained)
+    tensors = plugin.adapter_state_dict(trained, "default", prefix="unet.")
+    fresh = UNet2DConditionModel(**TINY_UNET)
+    plugin.add_adapter(fresh, AdapterConfig(method="liera", rank=2), "default")
+    params = list(fresh.parameters())
+    copy_adapter_tensors(tensors, {"unet": fresh}, "default")
+    assert all(a is b for a, b in zip(params, fresh.parameters()))
+    for key, value in plugin.adapter_state_dict(fresh, "default", prefix="unet.").items():
+        assert torch.equal(value, tensors[key])
+    with pytest.raises(ValueError, match="does not match the adapter"):
+        copy_adapter_tensors(
+            {k: v for k, v in tensors.items() if "conv1" not in k}, {"unet": fresh}, "default"
+        )
