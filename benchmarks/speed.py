@@ -20,6 +20,9 @@ passed by name to PEFT and LyCORIS). Each contender runs in its own fresh proces
   model in the same process, so the ratio to the base is robust to the machine's load;
 - load + fuse of the saved adapter file (each library's own format), median of `--load-repeats`.
 
+On the CPU, times are the worker's CPU time by default (`--clock cpu`): on a machine shared with other
+work, wall time mostly measures the wait for a core. Use `--threads 1` there as well.
+
 `--rounds` repeats everything, rotating the contenders' order, and takes medians over rounds.
 Results: `benchmarks/results/speed.{md,json,png}`, with date, machine, load and versions.
 """
@@ -58,6 +61,7 @@ from benchmarks.common import (
 
 DEFAULT_CONFIG = REPO_ROOT / "assets" / "configs" / "sd15_unet.json"
 REFERENCE = "peft-lora"
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 FLORA_CONV_RANK = [8, 8, 2, 2]
 
 # name -> (library, options). Rank 8 everywhere (alpha = rank, so every scale is 1).
@@ -98,7 +102,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent-size", type=int, default=None, help="Default: 32 on the CPU, 64 on a GPU.")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads. Default: torch's default.")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default=None,
+        help="What a step's time is: wall time, or this process's CPU time (robust on a shared machine). "
+        "Default: cpu on the CPU, wall on a GPU.",
+    )
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument(
+        "--malloc-tuning",
+        action="store_true",
+        help=f"Run the workers with GLIBC_TUNABLES={GLIBC_TUNABLES}: glibc then keeps freed large blocks "
+        "instead of unmapping them, so weight-sized temporaries are not page-faulted in again on every step.",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before each measurement.")
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps.")
     parser.add_argument("--infer-steps", type=int, default=5, help="Timed inference steps per mode.")
@@ -115,8 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
     if args.latent_size is None:
-        args.latent_size = 64 if args.device.startswith("cuda") else 32
+        args.latent_size = 64 if gpu else 32
+    if args.clock is None:
+        args.clock = "wall" if gpu else "cpu"
     return args
 
 
@@ -315,17 +335,23 @@ def run_worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     unet.train()
-    train_times = [timed(train_step, device) for _ in range(args.warmup + args.steps)][args.warmup :]
+    train_times = [timed(train_step, device, args.clock) for _ in range(args.warmup + args.steps)][
+        args.warmup :
+    ]
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()) - baseline
     unet.eval()
+
+    clock = args.clock
 
     def alternate(model) -> tuple[list[float], list[float]]:
         """Inference steps of `model` and of the base, one after the other."""
         ours, base = [], []
         with torch.no_grad():
             for i in range(args.warmup + args.infer_steps):
-                t_base = timed(lambda: reference(latents, timesteps, context, return_dict=False), device)
-                t_model = timed(lambda: model(latents, timesteps, context, return_dict=False), device)
+                t_base = timed(
+                    lambda: reference(latents, timesteps, context, return_dict=False), device, clock
+                )
+                t_model = timed(lambda: model(latents, timesteps, context, return_dict=False), device, clock)
                 if i >= args.warmup:
                     base.append(t_base)
                     ours.append(t_model)
@@ -341,7 +367,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         for repeat in range(args.load_repeats):
             contender.unload(unet)
             load_times.append(
-                timed(lambda r=repeat: contender.load_and_fuse(unet, path, f"loaded{r}"), device)
+                timed(lambda r=repeat: contender.load_and_fuse(unet, path, f"loaded{r}"), device, clock)
             )
 
     return {
@@ -365,6 +391,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "load_fuse_all_s": load_times,
         "file_mib": file_mib,
         "torch_threads": torch.get_num_threads(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "loadavg": list(os.getloadavg()),
     }
 
@@ -385,6 +412,8 @@ def spawn_worker(args: argparse.Namespace, name: str, argv: list[str]) -> dict:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
+        if args.malloc_tuning:
+            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
         subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
         return json.loads(out.read_text())
 
@@ -406,6 +435,10 @@ SCALARS = (
     "file_mib",
 )
 # goal name -> (contenders it applies to, metric, limit)
+CLOCK_WORDS = {
+    "wall": "wall-clock time",
+    "cpu": "the worker process's CPU time (`time.process_time`, robust to other work on the machine)",
+}
 FUSED_TOLERANCE = 1.05  # "equal to the base": within 5%, the timing noise of a shared machine
 
 
@@ -509,7 +542,9 @@ def tables(summary: dict[str, dict], checks: list[dict], args: argparse.Namespac
             f"UNet `{Path(args.config).name}` (random weights), batch {args.batch}, {args.latent_size}x{args.latent_size} "
             f"latents, {args.device}; {modules} adapted modules per contender (attention projections and resnet/"
             f"sampler convolutions). Medians of {args.steps} training / {args.infer_steps} inference steps after "
-            f"{args.warmup} warm-up, {args.rounds} round(s). Base model inference step: {base:.3f} s.",
+            f"{args.warmup} warm-up, {args.rounds} round(s); times are {CLOCK_WORDS[args.clock]}; glibc malloc "
+            f"{'tuned (`GLIBC_TUNABLES=' + GLIBC_TUNABLES + '`)' if args.malloc_tuning else 'at its defaults'}. Base model "
+            f"inference step: {base:.3f} s.",
             "## Cost, as ratios (×PEFT: to PEFT LoRA r=8; ×base: to the plain UNet, timed alternately in the same process)",
             markdown_table(headers, rows),
             "Peak memory: training's peak above the built model (CPU: peak resident size, VmHWM, reset after "
