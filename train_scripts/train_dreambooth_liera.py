@@ -21,6 +21,7 @@ From Python (benchmarks): `main(parse_args([...]))` runs exactly what the comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -41,7 +42,7 @@ DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
 PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
-DEFAULT_MAX_TRAIN_STEPS = 300
+DEFAULT_MAX_TRAIN_STEPS = 1000
 DEFAULT_LEARNING_RATES = {"liera": 1e-2, "flora": 3e-3, "lora": 1e-3}
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
@@ -131,7 +132,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--seed", type=int, default=0, help="Seed of every random draw of the run.")
     train.add_argument(
-        "--train_text_encoder", action="store_true", help="Also put adapters on the text encoder."
+        "--train_text_encoder",
+        action="store_true",
+        help="Also adapt the text encoder (its attention projections).",
     )
     train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     train.add_argument(
@@ -199,7 +202,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
     train.add_argument(
-        "--checkpointing_steps", type=int, default=100, help="Save a resumable checkpoint every X steps."
+        "--checkpointing_steps", type=int, default=250, help="Save a resumable checkpoint every X steps."
     )
     train.add_argument(
         "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints kept."
@@ -233,7 +236,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Images per validation grid (0: none). Grids are made before training, every --validation_steps "
         "and at the end, always with the same seeds.",
     )
-    validation.add_argument("--validation_steps", type=int, default=100, help="Validate every X steps.")
+    validation.add_argument("--validation_steps", type=int, default=250, help="Validate every X steps.")
     validation.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps.")
 
     adapter = parser.add_argument_group("adapter")
@@ -757,7 +760,7 @@ def main(args: argparse.Namespace) -> dict:
     adapted = plugin.add_adapter(unet, adapter_config, ADAPTER_NAME)
     trained = {"unet": unet}
     if args.train_text_encoder:
-        text_config = AdapterConfig(**{**adapter_config.__dict__, "targets": "attn", "conv_rank": None})
+        text_config = dataclasses.replace(adapter_config, targets="attn", conv_rank=None)
         adapted += plugin.add_adapter(text_encoder, text_config, ADAPTER_NAME)
         trained["text_encoder"] = text_encoder
     logger.info(
@@ -769,20 +772,19 @@ def main(args: argparse.Namespace) -> dict:
         if args.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
-    def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-        return accelerator.unwrap_model(model)
-
     def training_pipeline() -> StableDiffusionPipeline:
         """The base pipeline around the models being trained, adapters included, for validation."""
-        models = {"unet": unwrap_model(unet), "text_encoder": unwrap_model(text_encoder)}
+        models = {
+            "unet": accelerator.unwrap_model(unet),
+            "text_encoder": accelerator.unwrap_model(text_encoder),
+        }
         return load_pipeline(args, accelerator.device, weight_dtype, **models, vae=vae, tokenizer=tokenizer)
 
     def components_of(models: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
         found = {}
         for model in models:
-            model = unwrap_model(model)
-            name = "unet" if isinstance(model, type(unwrap_model(unet))) else "text_encoder"
-            found[name] = model
+            model = accelerator.unwrap_model(model)
+            found["unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"] = model
         return found
 
     # Checkpoints hold the adapter as a liera/1 file (not pickled model weights): these hooks
