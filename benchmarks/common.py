@@ -91,7 +91,7 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict:
         "python": platform.python_version(),
         "versions": {package: _version(package) for package in PACKAGES},
         "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "plugin")),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "plugin")),
     }
 
 

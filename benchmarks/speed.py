@@ -540,7 +540,7 @@ def tables(summary: dict[str, dict], checks: list[dict], args: argparse.Namespac
     return "\n\n".join(
         [
             f"UNet `{Path(args.config).name}` (random weights), batch {args.batch}, {args.latent_size}x{args.latent_size} "
-            f"latents, {args.device}; {modules} adapted modules per contender (attention projections and resnet/"
+            f"latents, {args.device}; {', '.join(map(str, modules))} adapted modules per contender (attention projections and resnet/"
             f"sampler convolutions). Medians of {args.steps} training / {args.infer_steps} inference steps after "
             f"{args.warmup} warm-up, {args.rounds} round(s); times are {CLOCK_WORDS[args.clock]}; glibc malloc "
             f"{'tuned (`GLIBC_TUNABLES=' + GLIBC_TUNABLES + '`)' if args.malloc_tuning else 'at its defaults'}. Base model "
