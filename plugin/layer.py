@@ -81,8 +81,16 @@ class AdaptedLayer(nn.Module):
             return out
         if torch.is_grad_enabled():
             self._weight_cache = None
+            params = [p for adapter, _ in adapters for p in adapter.parameters() if p.requires_grad]
+            if params and self._can_recompute_weight():
+                return _RecomputedWeight.apply(self, adapters, x, *params)
             return self._forward_with_weight(x, self.adapted_weight(adapters))
         return self._forward_with_weight(x, self._cached_adapted_weight(adapters))
+
+    def _can_recompute_weight(self) -> bool:
+        layer = self.base_layer
+        frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+        return frozen and getattr(layer, "padding_mode", "zeros") == "zeros"
 
     def _cached_adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
         """Inference runs many denoising steps with the same adapters: rebuild `W'` only when a
@@ -163,6 +171,39 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active}, fused={list(self.fused)}"
+
+
+class _RecomputedWeight(torch.autograd.Function):
+    """`layer(x)` with the rebuilt weight `W'`, keeping `x` and the adapter tensors for backward
+    but not `W'`: a weight-sized copy per layer is what made training memory grow. Backward
+    rebuilds `W'` (a few passes over the weight, cheap next to the weight gradient it needs
+    anyway), then runs the layer's own backward formulas, not its forward again.
+    """
+
+    @staticmethod
+    def forward(ctx, adapted: AdaptedLayer, adapters: list, x: torch.Tensor, *params: torch.Tensor):
+        ctx.adapted, ctx.adapters = adapted, adapters
+        ctx.save_for_backward(x, *params)
+        return adapted._forward_with_weight(x, adapted.adapted_weight(adapters))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        adapted, layer = ctx.adapted, ctx.adapted.base_layer
+        with torch.enable_grad():
+            weight = adapted.adapted_weight(ctx.adapters)
+        with torch.no_grad():
+            if isinstance(layer, nn.Linear):
+                grad_2d = grad.reshape(-1, grad.shape[-1])
+                grad_x = (grad @ weight) if ctx.needs_input_grad[2] else None
+                grad_weight = grad_2d.T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            else:
+                grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, layer.stride, layer.padding, layer.dilation, False,
+                    [0] * (x.ndim - 2), layer.groups, [ctx.needs_input_grad[2], True, False],
+                )  # fmt: skip
+        grad_params = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
+        return (None, None, grad_x, *grad_params)
 
 
 def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:

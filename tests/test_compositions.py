@@ -180,3 +180,31 @@ def test_inference_weight_cache_follows_every_change():
         plugin.fuse_adapters(block)
         torch.testing.assert_close(block(x), quarter, rtol=1e-5, atol=1e-5)
     assert block.conv._weight_cache is None  # fusing dropped the cached copy
+
+
+def test_training_keeps_no_copy_of_the_weight_and_gets_the_same_gradients(monkeypatch):
+    block = adapted_block([("lie", "tucker", "exp"), ("lie", "lowrank", "linear"), ("additive", "cp", "exp")])
+    plugin.set_adapters(block, ["a0", "a1", "a2"], [1.0, 0.5, 2.0])
+    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+
+    def gradients():
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = block(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+        return saved, x.grad.clone(), grads
+
+    saved, grad_x, grads = gradients()
+    monkeypatch.setattr(plugin.AdaptedLayer, "_can_recompute_weight", lambda self: False)
+    saved_plain, grad_x_plain, grads_plain = gradients()
+    weight_size = block.conv.base_layer.weight.numel()
+    assert weight_size in saved_plain and weight_size not in saved  # W' is rebuilt, not kept
+    assert grads.keys() == grads_plain.keys() and len(grads) == len(
+        [p for p in block.parameters() if p.requires_grad]
+    )
+    torch.testing.assert_close(grad_x, grad_x_plain, rtol=1e-4, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-4, atol=1e-5)
