@@ -98,6 +98,10 @@ def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
         image[inside & stripes] = (240, 225, 40)
         image[inside & ~stripes] = (20, 20, 20)
         Image.fromarray(image).save(path / f"subject_{i}.png")
-    prompts = {"instance_prompt": "a sks circle", "class_prompt": "a circle"}
+    prompts = {
+        "instance_prompt": "a sks circle",
+        "class_prompt": "a circle",
+        "validation_prompts": ["a sks circle", "a sks circle on a blue background"],
+    }
     (path / "prompts.json").write_text(json.dumps(prompts))
     return path

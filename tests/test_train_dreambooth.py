@@ -225,7 +225,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
     args = script.parse_args(
         ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     )
-    assert args.instance_prompt == "a sks circle" and args.validation_prompt == "a sks circle"
+    assert args.instance_prompt == "a sks circle"
+    assert args.validation_prompts == ["a sks circle", "a sks circle on a blue background"]
     assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
     assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]

@@ -38,7 +38,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
 DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
-# Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompt": ...}
+# Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompts": [...]}
 PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
@@ -227,7 +227,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--validation_prompt",
         type=str,
         default=None,
-        help=f"Prompt of the validation images. Default: {PROMPTS_FILE}'s validation_prompt, else --instance_prompt.",
+        help=f"Prompt of the validation images. Default: {PROMPTS_FILE}'s validation_prompts (one grid row "
+        "each), else --instance_prompt.",
     )
     validation.add_argument(
         "--num_validation_images",
@@ -334,9 +335,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     args.class_prompt = args.class_prompt or (
         prompts.get("class_prompt") if args.with_prior_preservation else None
     )
-    args.validation_prompt = (
-        args.validation_prompt or prompts.get("validation_prompt") or args.instance_prompt
-    )
+    if args.validation_prompt:
+        args.validation_prompts = [args.validation_prompt]
+    else:
+        listed = prompts.get("validation_prompts") or [
+            prompts.get("validation_prompt") or args.instance_prompt
+        ]
+        args.validation_prompts = [str(prompt) for prompt in listed]
+        args.validation_prompt = args.validation_prompts[0]
     if args.with_prior_preservation:
         if args.class_data_dir is None:
             parser.error(
@@ -574,20 +580,21 @@ def log_validation(
     name: str,
     step: int,
 ) -> list[Image.Image]:
-    """Generate --num_validation_images with fixed seeds (the same at every call, so grids compare)
-    and save them side by side as validation/<name>.png."""
+    """Generate --num_validation_images per validation prompt with fixed seeds (the same at every
+    call, so grids compare) and save them as validation/<name>.png, one row per prompt."""
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
-    with torch.no_grad(), accelerator.autocast():  # mixed precision: the adapters stay float32
-        images = pipeline(
-            [args.validation_prompt] * args.num_validation_images,
-            num_inference_steps=args.validation_inference_steps,
-            generator=generators,
-        ).images
+    count = args.num_validation_images
+    images = []
+    for prompt in args.validation_prompts:
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
+        with torch.no_grad(), accelerator.autocast():  # mixed precision: the adapters stay float32
+            images += pipeline(
+                [prompt] * count, num_inference_steps=args.validation_inference_steps, generator=generators
+            ).images
     folder = Path(args.output_dir, "validation")
     folder.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=1, cols=len(images)).save(folder / f"{name}.png")
+    make_image_grid(images, rows=len(args.validation_prompts), cols=count).save(folder / f"{name}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(
@@ -596,7 +603,8 @@ def log_validation(
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({name: [wandb.Image(im, caption=args.validation_prompt) for im in images]}, step=step)
+            captions = [prompt for prompt in args.validation_prompts for _ in range(count)]
+            tracker.log({name: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
     return images
 
 
@@ -667,7 +675,8 @@ Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} 
 """
     if (Path(args.output_dir) / "validation" / "before_after.png").exists():
         card += (
-            f'\n"{args.validation_prompt}", base model (top) and with the adapter (bottom), same seeds:\n\n'
+            f"\n{', '.join(repr(p) for p in args.validation_prompts)} (a row each), base model (left) and "
+            "with the adapter (right), same seeds:\n\n"
             "![before and after](validation/before_after.png)\n"
         )
     Path(args.output_dir, "README.md").write_text(card)
@@ -1040,10 +1049,11 @@ def main(args: argparse.Namespace) -> dict:
             folder = Path(args.output_dir, "validation")
             if (folder / "before.png").is_file():
                 before, after = Image.open(folder / "before.png"), Image.open(folder / "final.png")
-                if before.size == after.size:
-                    both = Image.new("RGB", (before.width, 2 * before.height))
+                if before.size == after.size:  # side by side, a white gap between
+                    gap = max(2, before.width // 64)
+                    both = Image.new("RGB", (2 * before.width + gap, before.height), "white")
                     both.paste(before, (0, 0))
-                    both.paste(after, (0, before.height))
+                    both.paste(after, (before.width + gap, 0))
                     both.save(folder / "before_after.png")
 
         window = max(1, len(losses) // 10)  # the loss is noisy (random timesteps): average 10% of the steps
