@@ -43,7 +43,7 @@ PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
 DEFAULT_MAX_TRAIN_STEPS = 1000
-DEFAULT_LEARNING_RATES = {"liera": 1e-2, "flora": 3e-3, "lora": 1e-3}
+DEFAULT_LEARNING_RATES = {"liera": 5e-3, "flora": 3e-3, "lora": 1e-3}
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
@@ -157,7 +157,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Learning rate (after warm-up). Default: per --adapter, "
         + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items())
-        + " (best on the toy base; a lie adapter changes W by W*sD, so it needs a larger step than W + sD).",
+        + " (chosen on the toy base: a lie adapter changes W by W*sD, so it needs a larger step than W + sD;"
+        + " liera diverged at 2e-2).",
     )
     train.add_argument(
         "--scale_lr",
@@ -968,6 +969,11 @@ def main(args: argparse.Namespace) -> dict:
 
                 # The mean over all processes and accumulated batches, for the loss curve.
                 step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+                if not math.isfinite(step_losses[-1]):
+                    raise SystemExit(
+                        f"The loss is {step_losses[-1]} at step {global_step + 1}: training diverged. "
+                        f"Lower --learning_rate (it is {args.learning_rate:g}) or --scale."
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
@@ -1002,6 +1008,10 @@ def main(args: argparse.Namespace) -> dict:
     # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
     # and measure the held-out loss with the adapter off (the base model) and on.
     accelerator.wait_for_everyone()
+    if not all(torch.isfinite(p).all() for p in params_to_optimize):
+        raise SystemExit(
+            f"The adapter diverged (NaN/inf). Lower --learning_rate (it is {args.learning_rate:g})."
+        )
     rank_difference = None
     if accelerator.num_processes > 1:
         flat = torch.cat([p.detach().float().flatten() for p in params_to_optimize])
