@@ -109,6 +109,8 @@ def train(args: argparse.Namespace, script, method: str, budget: str, seed: int)
     done = (output / "adapter.safetensors").is_file() and (output / "metrics.json").is_file()
     if done and not args.retrain:
         return output, json.loads((output / "metrics.json").read_text())
+    if (output / "diverged.txt").is_file() and not args.retrain:
+        return output, {"diverged": (output / "diverged.txt").read_text()}
     argv = [
         "--pretrained_model_name_or_path", args.base,
         "--instance_data_dir", args.subject,
@@ -125,7 +127,12 @@ def train(args: argparse.Namespace, script, method: str, budget: str, seed: int)
         argv += ["--conv_rank", *map(str, conv_rank)]
     if args.learning_rate is not None:
         argv += ["--learning_rate", str(args.learning_rate)]
-    metrics = script.main(script.parse_args(argv))
+    try:
+        metrics = script.main(script.parse_args(argv))
+    except SystemExit as stop:  # the script stops a diverged run with a message
+        metrics = {"diverged": str(stop)}
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "diverged.txt").write_text(str(stop))
     return output, metrics
 
 
@@ -234,6 +241,38 @@ class Judge:
         return metrics, grid
 
 
+JUDGE_SETTINGS = (
+    "base", "subject", "eval_timesteps", "eval_noises", "class_images", "num_prompts", "subject_samples",
+    "inference_steps", "guidance_scale",
+)  # fmt: skip
+
+
+def judged(judge: Judge, folder: Path, adapter: Path | None) -> tuple[dict, dict]:
+    """`judge.score(adapter)`, kept in `folder` (judge.json, judge_grid.npz) and reused while the
+    adapter file and the judging settings are unchanged: a re-run after an interruption resumes."""
+    import numpy as np
+
+    stat = adapter.stat() if adapter is not None else None
+    key = {
+        **{name: getattr(judge.args, name) for name in JUDGE_SETTINGS},
+        "adapter": None if stat is None else [stat.st_size, stat.st_mtime_ns],
+    }
+    scores_file, grid_file = folder / "judge.json", folder / "judge_grid.npz"
+    if scores_file.is_file() and grid_file.is_file():
+        saved = json.loads(scores_file.read_text())
+        if saved["key"] == key:
+            with np.load(grid_file) as arrays:
+                return saved["scores"], {
+                    "subject": list(arrays["subject"]),
+                    "prompts": list(arrays["prompts"]),
+                }
+    scores, grid = judge.score(adapter)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(grid_file, subject=np.stack(grid["subject"]), prompts=np.stack(grid["prompts"]))
+    scores_file.write_text(json.dumps({"key": key, "scores": scores}, indent=1))
+    return scores, grid
+
+
 def adapter_parameters(path: Path) -> int:
     """Trainable parameters of an adapter file: every tensor but the scales."""
     import math
@@ -250,7 +289,6 @@ def adapter_parameters(path: Path) -> int:
 
 REPORTED = (
     ("params", "params", "{:,.0f}"),
-    ("train_time_s", "train time (s)", "{:.0f}"),
     ("subject_fit", "subject loss ×base ↓", "{:.3f}"),
     ("prior_drift", "prior drift (Δ class loss, %)", "{:+.2f}"),
     ("prompt_accuracy", "prompt accuracy", "{:.3f}"),
@@ -325,7 +363,7 @@ def plot_fit_vs_drift(runs: list[dict], rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("prior drift: change of the class images' denoising loss (%)  → worse")
     ax.set_ylabel("subject fit: held-out subject loss / base's  ↓ better")
     ax.set_title("DreamBooth on the toy base: fit vs drift (means ± sd over seeds; faint: runs)", fontsize=10)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -385,10 +423,16 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
 
     judge = Judge(args)
-    base, base_grid = judge.score()
+    base, base_grid = judged(judge, Path(args.work_dir, "base"), None)
     runs, grids = [], {m: {"base": base_grid} for m in args.methods}
+    diverged = []
     for method, budget, seed, folder, metrics in tqdm(trained, desc="judge"):
-        scores, grid = judge.score(folder / "adapter.safetensors")
+        if "diverged" in metrics:
+            diverged.append(
+                {"method": method, "budget": budget, "seed": seed, "message": metrics["diverged"]}
+            )
+            continue
+        scores, grid = judged(judge, folder, folder / "adapter.safetensors")
         if seed == args.seeds[0]:
             grids[method][budget] = grid
         runs.append(
@@ -430,14 +474,18 @@ def main(argv: list[str] | None = None) -> dict:
             f"analyser's colour+shape+background accuracy on {args.num_prompts} non-subject prompts "
             f"({args.inference_steps} steps, guidance {args.guidance_scale}). Subject rate: share of "
             f"{args.subject_samples} images of {judge.instance_prompt!r} the analyser recognises as the subject.",
-            table(rows, base),
+            table(rows, base)
+            + "".join(
+                f"\n\nDiverged (left out of the means): {d['method']} {d['budget']} seed {d['seed']}: {d['message']}"
+                for d in diverged
+            ),
             f"![fit vs drift]({args.name}_fit_vs_drift.png)",
             *[f"![{m} samples]({args.name}_samples_{m}.png)" for m in args.methods],
         ]
     )
     write_markdown(output / f"{args.name}.md", "Quality at matched parameter budgets", env, body, command)
     payload = {"environment": env, "command": command, "settings": vars(args), "base": base}
-    payload.update({"summary": rows, "runs": runs})
+    payload.update({"summary": rows, "runs": runs, "diverged": diverged})
     write_json(output / f"{args.name}.json", payload)
     if not args.no_plot:
         plot_fit_vs_drift(runs, rows, output / f"{args.name}_fit_vs_drift.png")

@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="Repeat every contender, order rotated.")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse the workers' results of an interrupted run with the same settings (kept in --work-dir).",
+    )
+    parser.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "speed"), help="Partial results.")
     parser.add_argument("--name", default="speed", help="Stem of the results files.")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
@@ -396,8 +402,27 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
 
 
-def spawn_worker(args: argparse.Namespace, name: str, argv: list[str]) -> dict:
-    """Run one contender in a fresh interpreter and read back its numbers."""
+# What a worker's numbers depend on: runs with other values are never mixed by --resume.
+MEASUREMENT_SETTINGS = (
+    "config", "device", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
+    "infer_steps", "load_repeats",
+)  # fmt: skip
+
+
+def partial_results(args: argparse.Namespace) -> dict:
+    """Workers' results saved so far by a run with the same settings (with --resume), else none."""
+    settings = {key: getattr(args, key) for key in MEASUREMENT_SETTINGS}
+    path = Path(args.work_dir) / f"{args.name}.partial.json"
+    results = {}
+    if args.resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            results = saved["results"]
+    return {"path": path, "settings": settings, "results": results}
+
+
+def spawn_worker(args: argparse.Namespace, name: str, argv: list[str]) -> dict | None:
+    """Run one contender in a fresh interpreter and read back its numbers (None if it failed)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         command = [
@@ -414,7 +439,10 @@ def spawn_worker(args: argparse.Namespace, name: str, argv: list[str]) -> dict:
             env["OMP_NUM_THREADS"] = str(args.threads)
         if args.malloc_tuning:
             env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-        subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
+        code = subprocess.run(command, env=env, cwd=REPO_ROOT).returncode
+        if code != 0:  # e.g. -9: killed for memory. The other contenders still run.
+            print(f"{name}: the worker failed (exit code {code})", file=sys.stderr)
+            return None
         return json.loads(out.read_text())
 
 
@@ -490,7 +518,9 @@ def goals(summary: dict[str, dict]) -> list[dict]:
     return checks
 
 
-def tables(summary: dict[str, dict], checks: list[dict], args: argparse.Namespace) -> str:
+def tables(
+    summary: dict[str, dict], checks: list[dict], args: argparse.Namespace, failed: dict[str, int]
+) -> str:
     headers = [
         "contender",
         "params",
@@ -537,6 +567,10 @@ def tables(summary: dict[str, dict], checks: list[dict], args: argparse.Namespac
         for c in checks
     ]
     notes = "\n".join(f"- `{name}`: {NOTES[name]}" for name in summary)
+    if failed:
+        notes += "\n\nFailed (worker exited with an error, e.g. killed for memory): " + ", ".join(
+            f"`{name}` ({count}x)" for name, count in failed.items()
+        )
     return "\n\n".join(
         [
             f"UNet `{Path(args.config).name}` (random weights), batch {args.batch}, {args.latent_size}x{args.latent_size} "
@@ -602,30 +636,47 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(args.device, args.threads)
     loads = [env["loadavg"][0]]
     runs: dict[str, list[dict]] = {name: [] for name in args.contenders}
+    failed: dict[str, int] = {}  # contender -> workers that died (e.g. killed for memory)
     order = list(args.contenders)
     jobs = [(r, order[r % len(order) :] + order[: r % len(order)]) for r in range(args.rounds)]
+    partial = partial_results(args)
     with tqdm(total=args.rounds * len(order), desc="speed") as progress:
-        for _, names in jobs:
+        for round_index, names in jobs:
             for name in names:
                 progress.set_postfix_str(name)
-                if args.in_process:
+                key = f"{name}/{round_index}"
+                if key in partial["results"]:
+                    result = partial["results"][key]
+                elif args.in_process:
                     result = run_worker(argparse.Namespace(**{**vars(args), "worker": name}))
                 else:
                     result = spawn_worker(args, name, argv)
-                runs[name].append(result)
-                loads.append(result["loadavg"][0])
+                    if result is not None:
+                        partial["results"][key] = result
+                        write_json(
+                            partial["path"], {"settings": partial["settings"], "results": partial["results"]}
+                        )
+                if result is None:
+                    failed[name] = failed.get(name, 0) + 1
+                else:
+                    runs[name].append(result)
+                    loads.append(result["loadavg"][0])
                 progress.update()
-    env["torch_threads"] = runs[order[0]][0]["torch_threads"]
+    runs = {name: results for name, results in runs.items() if results}
+    if not runs:
+        raise SystemExit("every contender failed")
+    first = next(iter(runs.values()))[0]
+    env["torch_threads"] = first["torch_threads"]
     env["loadavg_range"] = [round(min(loads), 2), round(max(loads), 2)]
 
     summary = summarise(runs)
     checks = goals(summary)
-    body = tables(summary, checks, args)
+    body = tables(summary, checks, args, failed)
     output = Path(args.output_dir)
     command = command_line(argv, "benchmarks/speed.py")
     write_markdown(output / f"{args.name}.md", "Speed and memory", env, body, command)
     payload = {"environment": env, "command": command, "settings": vars(args), "summary": summary}
-    payload.update({"goals": checks, "runs": runs})
+    payload.update({"goals": checks, "runs": runs, "failed": failed})
     write_json(output / f"{args.name}.json", payload)
     if not args.no_plot:
         plot(summary, output / f"{args.name}.png")

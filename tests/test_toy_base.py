@@ -143,7 +143,12 @@ def pipe():
 
     p = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
     p.set_progress_bar_config(disable=True)
-    return p
+    # The toy model gains nothing from more threads, and on a busy machine more threads than free
+    # cores make every step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield p
+    torch.set_num_threads(threads)
 
 
 def test_pipeline_is_stable_diffusion_shaped(pipe):
@@ -177,9 +182,9 @@ def test_pipeline_follows_prompts(pipe):
     images = pipe(
         [it["prompt"] for it in items],
         num_inference_steps=20,
-        guidance_scale=5.0,
+        guidance_scale=7.5,
         generator=[torch.Generator().manual_seed(it["seed"]) for it in items],
         output_type="np",
     ).images
     acc = score_images([(im * 255).round() for im in images], [it["prompt"] for it in items])
-    assert acc["colour"] >= 0.75 and acc["shape"] >= 0.5, acc
+    assert acc["colour"] >= 0.75 and acc["shape"] >= 0.75, acc

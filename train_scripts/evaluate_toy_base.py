@@ -49,10 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--prompt_seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--grid_columns", type=int, default=6)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default); the toy model gains little from more than one, and "
+        "more than the free cores makes every step many times slower",
+    )
     p.add_argument("--no_grid", action="store_true")
     return p.parse_args(argv)
 
