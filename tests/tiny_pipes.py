@@ -9,18 +9,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import plugin
 from plugin import AdapterConfig
-from tests.conftest import randomize
+from tests.conftest import TINY_UNET, randomize
 
 PROMPT = "a photo of a cat"
-UNET = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=8,
-    attention_head_dim=8,
-)
+UNET = {**TINY_UNET, "sample_size": 16}  # the pipelines draw 32x32 images by default (VAE factor 2)
 
 
 def tokenizer(folder: Path) -> CLIPTokenizer:
@@ -78,7 +70,7 @@ def sd(folder: Path, cls=None, seed: int = 0):
 
     torch.manual_seed(seed)
     components = dict(
-        unet=UNet2DConditionModel(**UNET, cross_attention_dim=32),
+        unet=UNet2DConditionModel(**UNET),
         vae=vae(),
         text_encoder=CLIPTextModel(text_config()),
         tokenizer=tokenizer(folder / "tokenizer"),
@@ -98,8 +90,7 @@ def sdxl(folder: Path, cls=None, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        **UNET,
-        cross_attention_dim=64,
+        **{**UNET, "cross_attention_dim": 64},
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
