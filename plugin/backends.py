@@ -41,15 +41,15 @@ def _tensorly(fn: Callable, *args):
             local.pop("backend", None)
 
 
-def _tucker_to_tensor_last_mode_first(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """TensorLy's `tucker_to_tensor`, multiplying the modes in reverse order.
+def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """TensorLy's `tucker_to_tensor` without mode 0, multiplying the modes in reverse order.
 
     `tucker_to_tensor` expands mode 0 (out channels) first, so the kernel modes are then multiplied
     into an almost full-size tensor, unfolded and copied each time. Expanding the small kernel modes
-    first and mode 0 last builds the full-size tensor exactly once, as a plain matrix product.
+    first leaves mode 0 to one plain matrix product (`Tucker.factors`), the only full-size step.
     """
     result = core
-    for mode in reversed(range(core.ndim)):
+    for mode in reversed(range(1, core.ndim)):
         result = tl.tenalg.mode_dot(result, factors[mode], mode)
     return result
 
@@ -61,9 +61,17 @@ class Backend(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
 
-    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """`coefficient * D`, the coefficient folded into the smallest tensor (saves a full pass)."""
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(F, P)` with `coefficient * D = reshape(F @ P, shape)`: every backend here ends in one
+        matrix product of an `out x r` factor and an `r x rest` one. The coefficient is folded into
+        a small tensor (saves a full pass); the full-size tensor is built only by that product, so
+        the caller can choose its memory (`torch.mm(F, P, out=...)`)."""
         raise NotImplementedError
+
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """`coefficient * D`, a fresh tensor of the weight's shape."""
+        left, right = self.factors(coefficient)
+        return (left @ right).reshape(self.shape)
 
     def delta_flops(self) -> int:
         """Multiply-adds to rebuild `D`."""
@@ -113,8 +121,8 @@ class LowRank(Backend):
         self.lora_up = nn.Parameter(torch.zeros(self.shape[0], r))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
 
-    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
-        return ((coefficient * self.lora_up) @ self.lora_down).reshape(self.shape)
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return coefficient * self.lora_up, self.lora_down
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.lora_up.shape[1]
@@ -159,10 +167,9 @@ class Tucker(Backend):
         for factor in self.tucker_factor:
             nn.init.orthogonal_(factor)
 
-    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
-        return _tensorly(
-            _tucker_to_tensor_last_mode_first, coefficient * self.tucker_core, list(self.tucker_factor)
-        )
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        core = _tensorly(_tucker_kernel_modes, coefficient * self.tucker_core, list(self.tucker_factor))
+        return self.tucker_factor[0], core.reshape(core.shape[0], -1)
 
     def delta_flops(self) -> int:
         # Mode products one after another, last mode first: each multiplies in one factor.
@@ -228,8 +235,11 @@ class CP(Backend):
             nn.init.normal_(factor)
             factor.data /= factor.data.norm(dim=0, keepdim=True)
 
-    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
-        return _tensorly(tl.cp_to_tensor, (coefficient * self.cp_weights, list(self.cp_factor)))
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        # TensorLy's `cp_to_tensor`, stopped before its last product and fold.
+        first, *rest = self.cp_factor
+        right = _tensorly(tl.tenalg.khatri_rao, list(rest)) if len(rest) > 1 else rest[0]
+        return first * (coefficient * self.cp_weights), right.T
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.cp_weights.shape[0] * len(self.shape)

@@ -8,14 +8,28 @@ allows it, runs them as a bypass on the activations, whichever costs fewer multi
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
 
 from .backends import Backend
-from .compositions import Term, compose, compose_over_fused, decompose
+from .compositions import (
+    Term,
+    compose,
+    compose_one_in_place,
+    compose_over_fused,
+    decompose,
+    pull_back_one_in_place,
+)
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def float32_rebuild(like: torch.Tensor) -> torch.autocast:
+    """Adapters rebuild in float32 (FORMAT.md's math) even inside a mixed-precision autocast
+    region; only the layer's own operation runs at the autocast dtype, as it would without them."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 class Adapter(nn.Module):
@@ -29,7 +43,13 @@ class Adapter(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def term(self, multiplier: float) -> Term:
-        return Term(self.composition, self.lie_map, self.backend.delta(multiplier * self.scale))
+        with float32_rebuild(self.scale):
+            return Term(self.composition, self.lie_map, self.backend.delta(multiplier * self.scale))
+
+    def factors(self, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(F, P)` with the term's update `reshape(F @ P, W.shape)` (`Backend.factors`)."""
+        with float32_rebuild(self.scale):
+            return self.backend.factors(multiplier * self.scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """FORMAT.md's tensors for this module, by parameter name."""
@@ -87,6 +107,10 @@ class AdaptedLayer(nn.Module):
             return self._forward_with_weight(x, self.adapted_weight(adapters))
         return self._forward_with_weight(x, self._cached_adapted_weight(adapters))
 
+    def _rebuilds_in_place(self, adapters: list[tuple[Adapter, float]]) -> bool:
+        """One adapter on an unfused float32 weight: `W'` can be built in its update's memory."""
+        return len(adapters) == 1 and not self.fused and self.base_layer.weight.dtype == torch.float32
+
     def _can_recompute_weight(self) -> bool:
         layer = self.base_layer
         frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
@@ -117,9 +141,10 @@ class AdaptedLayer(nn.Module):
         """`W'` in the layer's dtype, from the active unfused adapters on top of any fused ones."""
         weight = self.base_layer.weight
         unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
-        if self.fused:
-            return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
-        return compose(weight, unfused, weight.dtype)
+        with float32_rebuild(weight):
+            if self.fused:
+                return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
+            return compose(weight, unfused, weight.dtype)
 
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
@@ -178,32 +203,93 @@ class _RecomputedWeight(torch.autograd.Function):
     but not `W'`: a weight-sized copy per layer is what made training memory grow. Backward
     rebuilds `W'` (a few passes over the weight, cheap next to the weight gradient it needs
     anyway), then runs the layer's own backward formulas, not its forward again.
+
+    With one adapter on a float32 weight (the usual training set-up) `W'` is built in a per-thread
+    workspace that every layer reuses, and the gradient through it in the weight gradient's memory.
     """
 
     @staticmethod
     def forward(ctx, adapted: AdaptedLayer, adapters: list, x: torch.Tensor, *params: torch.Tensor):
         ctx.adapted, ctx.adapters = adapted, adapters
         ctx.save_for_backward(x, *params)
-        return adapted._forward_with_weight(x, adapted.adapted_weight(adapters))
+        if adapted._rebuilds_in_place(adapters):
+            adapter, multiplier = adapters[0]
+            weight = _rebuild_in_workspace(adapted.base_layer.weight, adapter, *adapter.factors(multiplier))
+        else:
+            weight = adapted.adapted_weight(adapters)
+        return adapted._forward_with_weight(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, *params = ctx.saved_tensors
         adapted, layer = ctx.adapted, ctx.adapted.base_layer
+        in_place = adapted._rebuilds_in_place(ctx.adapters)
         with torch.enable_grad():
-            weight = adapted.adapted_weight(ctx.adapters)
+            if in_place:
+                adapter, multiplier = ctx.adapters[0]
+                left, right = adapter.factors(multiplier)
+            else:
+                weight = adapted.adapted_weight(ctx.adapters)
+        if in_place:
+            weight = _rebuild_in_workspace(layer.weight, adapter, left.detach(), right.detach())
         with torch.no_grad():
+            # The layer's operation ran at the gradient's dtype (lower than W' under autocast).
+            x_op, weight_op = x.to(grad.dtype), weight.to(grad.dtype)
             if isinstance(layer, nn.Linear):
                 grad_2d = grad.reshape(-1, grad.shape[-1])
-                grad_x = (grad @ weight) if ctx.needs_input_grad[2] else None
-                grad_weight = grad_2d.T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+                grad_x = (grad @ weight_op) if ctx.needs_input_grad[2] else None
+                grad_weight = grad_2d.T @ x_op.reshape(-1, x.shape[-1])
             else:
                 grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                    grad, x, weight, None, layer.stride, layer.padding, layer.dilation, False,
+                    grad, x_op, weight_op, None, layer.stride, layer.padding, layer.dilation, False,
                     [0] * (x.ndim - 2), layer.groups, [ctx.needs_input_grad[2], True, False],
                 )  # fmt: skip
-        grad_params = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
+            del weight_op
+            grad_weight = grad_weight.to(weight.dtype)
+        if not in_place:
+            grad_params = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
+            return (None, None, grad_x, *grad_params)
+        with torch.no_grad():
+            grad_update = pull_back_one_in_place(
+                grad_weight, layer.weight, weight, adapter.composition, adapter.lie_map
+            )
+            del weight  # the workspace is the next layer's
+            grad_update = grad_update.reshape(left.shape[0], right.shape[1])
+            grad_left, grad_right = grad_update @ right.detach().T, left.detach().T @ grad_update
+        grad_params = torch.autograd.grad((left, right), params, (grad_left, grad_right), allow_unused=True)
         return (None, None, grad_x, *grad_params)
+
+
+class _Workspace(threading.local):
+    """A float32 buffer per thread and device, as large as the largest weight rebuilt in it.
+
+    Training rebuilds one layer's `W'` at a time (forward, then again in backward) and is done with
+    it before the next layer's. Reusing one buffer saves a fresh weight-sized tensor per layer and
+    pass: on the CPU its page faults cost about twice the matrix product that fills it.
+    """
+
+    def __init__(self):
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+
+    def take(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        buffer = self.buffers.get(device)
+        if buffer is None or buffer.numel() < rows * cols:
+            self.buffers.pop(device, None)  # free the smaller one first
+            buffer = self.buffers[device] = torch.empty(rows * cols, dtype=torch.float32, device=device)
+        return buffer[: rows * cols].view(rows, cols)
+
+
+_WORKSPACE = _Workspace()
+
+
+def _rebuild_in_workspace(
+    weight: torch.Tensor, adapter: Adapter, left: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
+    """`W'` for one adapter with update `left @ right`, in this thread's workspace."""
+    out = _WORKSPACE.take(left.shape[0], right.shape[1], weight.device)
+    with float32_rebuild(weight):
+        update = torch.mm(left, right, out=out).view(weight.shape)
+    return compose_one_in_place(weight, Term(adapter.composition, adapter.lie_map, update))
 
 
 def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:

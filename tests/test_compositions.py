@@ -182,24 +182,22 @@ def test_inference_weight_cache_follows_every_change():
     assert block.conv._weight_cache is None  # fusing dropped the cached copy
 
 
-def test_training_keeps_no_copy_of_the_weight_and_gets_the_same_gradients(monkeypatch):
-    block = adapted_block([("lie", "tucker", "exp"), ("lie", "lowrank", "linear"), ("additive", "cp", "exp")])
-    plugin.set_adapters(block, ["a0", "a1", "a2"], [1.0, 0.5, 2.0])
-    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+def gradients(block: Block, x: torch.Tensor) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
+    """Sizes of the tensors autograd saved, and the gradients of a loss on `block(x)`."""
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = block(x)
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return saved, x.grad.clone(), grads
 
-    def gradients():
-        block.zero_grad(set_to_none=True)
-        x.grad = None
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = block(x)
-        out.square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-        return saved, x.grad.clone(), grads
 
-    saved, grad_x, grads = gradients()
+def assert_same_gradients_as_plain_autograd(block: Block, x: torch.Tensor, monkeypatch) -> None:
+    saved, grad_x, grads = gradients(block, x)
     monkeypatch.setattr(plugin.AdaptedLayer, "_can_recompute_weight", lambda self: False)
-    saved_plain, grad_x_plain, grads_plain = gradients()
+    saved_plain, grad_x_plain, grads_plain = gradients(block, x)
     weight_size = block.conv.base_layer.weight.numel()
     assert weight_size in saved_plain and weight_size not in saved  # W' is rebuilt, not kept
     assert grads.keys() == grads_plain.keys() and len(grads) == len(
@@ -208,3 +206,41 @@ def test_training_keeps_no_copy_of_the_weight_and_gets_the_same_gradients(monkey
     torch.testing.assert_close(grad_x, grad_x_plain, rtol=1e-4, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-4, atol=1e-5)
+
+
+def test_training_keeps_no_copy_of_the_weight_and_gets_the_same_gradients(monkeypatch):
+    block = adapted_block([("lie", "tucker", "exp"), ("lie", "lowrank", "linear"), ("additive", "cp", "exp")])
+    plugin.set_adapters(block, ["a0", "a1", "a2"], [1.0, 0.5, 2.0])
+    assert_same_gradients_as_plain_autograd(block, torch.randn(4, 6, 7, 7, requires_grad=True), monkeypatch)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] == "lie" or v[1] == "cp"])
+def test_one_adapter_rebuilds_in_place_with_the_same_gradients(variant, monkeypatch):
+    """The usual training set-up (one adapter, float32) builds W' and dL/dU in place."""
+    block = adapted_block([variant])
+    plugin.set_adapters(block, ["a0"], [0.5])
+    assert block.conv._rebuilds_in_place(block.conv.unfused_terms_active())
+    assert_same_gradients_as_plain_autograd(block, torch.randn(4, 6, 7, 7, requires_grad=True), monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [[("lie", "tucker", "exp")], [("additive", "cp", "exp")], [("lie", "lowrank", "exp"), VARIANTS[0]]],
+)
+def test_autocast_runs_the_layer_in_bf16_and_the_adapters_in_float32(variants):
+    """Mixed-precision training: the layer's operation at the autocast dtype, as without adapters;
+    W' and the adapter gradients in float32, close to a float32 run's."""
+    block = adapted_block(variants)
+    plugin.set_adapters(block, [f"a{i}" for i in range(len(variants))], [1.0] * len(variants))
+    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+    _, grad_x, grads = gradients(block, x)
+    block.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block.conv(x)
+        assert out.dtype == torch.bfloat16
+        loss = block.proj(out.mean(dim=(2, 3))).float().square().sum()
+    loss.backward()
+    for name, grad in grads.items():
+        param = block.get_parameter(name)
+        assert param.grad.dtype == torch.float32
+        torch.testing.assert_close(param.grad, grad, rtol=0.05, atol=0.05 * grad.abs().max().item())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -239,3 +240,21 @@ def test_a_bad_argument_stops_the_launched_script_before_any_model_loads(tiny, t
     assert process.returncode != 0
     assert "--rank must be a positive integer, got 0" in output
     assert "Loading" not in output and not output_dir.exists()
+
+
+@pytest.mark.parametrize("method", ["liera", "flora"])
+def test_bf16_mixed_precision_trains_float32_adapters(tiny, method):
+    """`--mixed_precision bf16` (autocast on the CPU, as fp16/bf16 on a GPU): the base runs in bf16,
+    the adapters rebuild and train in float32, and the run learns like the float32 one."""
+    output_dir = tiny["root"] / f"bf16-{method}"
+    run(train_args(tiny, output_dir, method, "--mixed_precision", "bf16"))
+    with safe_open(str(output_dir / "adapter.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.float32}
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    reference = json.loads((reference_run(tiny, method) / "metrics.json").read_text())
+    assert all(math.isfinite(loss) for loss in metrics["losses"])
+    torch.testing.assert_close(
+        torch.tensor(metrics["losses"]), torch.tensor(reference["losses"]), rtol=0.1, atol=0.02
+    )
+    difference = (unet_output(tiny["base"], output_dir / "adapter.safetensors") - unet_output(tiny["base"]))
+    assert difference.abs().max().item() > 1e-6
