@@ -256,5 +256,5 @@ def test_bf16_mixed_precision_trains_float32_adapters(tiny, method):
     torch.testing.assert_close(
         torch.tensor(metrics["losses"]), torch.tensor(reference["losses"]), rtol=0.1, atol=0.02
     )
-    difference = (unet_output(tiny["base"], output_dir / "adapter.safetensors") - unet_output(tiny["base"]))
+    difference = unet_output(tiny["base"], output_dir / "adapter.safetensors") - unet_output(tiny["base"])
     assert difference.abs().max().item() > 1e-6
