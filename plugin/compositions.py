@@ -87,15 +87,18 @@ def compose(weight: torch.Tensor, terms: list[Term], dtype: torch.dtype = torch.
     return result.to(dtype)
 
 
-def compose_one_in_place(weight: torch.Tensor, term: Term) -> torch.Tensor:
-    """`compose(weight, [term])` for a float32 `weight`, built in the memory of `term.update` (a
-    buffer the caller owns). On the CPU every fresh weight-sized tensor costs page faults that take
-    several times longer than the arithmetic, so a rebuild that allocates nothing is much faster."""
-    if term.composition == "additive":
-        return term.update.add_(weight)
-    if term.lie_map == "exp":
-        return term.update.exp_().mul_(weight)
-    return term.update.add_(1).mul_(weight)
+def compose_one_in_place(
+    weight: torch.Tensor, update: torch.Tensor, composition: str, lie_map: str
+) -> torch.Tensor:
+    """`compose(weight, [Term(composition, lie_map, update)])` for a float32 `weight`, built in the
+    memory of `update` (a buffer the caller owns). On the CPU every fresh weight-sized tensor costs
+    page faults that take several times longer than the arithmetic, so a rebuild that allocates
+    nothing is much faster."""
+    if composition == "additive":
+        return update.add_(weight)
+    if lie_map == "exp":
+        return update.exp_().mul_(weight)
+    return update.add_(1).mul_(weight)
 
 
 def pull_back_one_in_place(

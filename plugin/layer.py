@@ -141,10 +141,9 @@ class AdaptedLayer(nn.Module):
         """`W'` in the layer's dtype, from the active unfused adapters on top of any fused ones."""
         weight = self.base_layer.weight
         unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
-        with float32_rebuild(weight):
-            if self.fused:
-                return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
-            return compose(weight, unfused, weight.dtype)
+        if self.fused:
+            return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
+        return compose(weight, unfused, weight.dtype)
 
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
@@ -224,14 +223,14 @@ class _RecomputedWeight(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         adapted, layer = ctx.adapted, ctx.adapted.base_layer
         in_place = adapted._rebuilds_in_place(ctx.adapters)
-        with torch.enable_grad():
-            if in_place:
-                adapter, multiplier = ctx.adapters[0]
-                left, right = adapter.factors(multiplier)
-            else:
-                weight = adapted.adapted_weight(ctx.adapters)
         if in_place:
+            adapter, multiplier = ctx.adapters[0]
+            with torch.enable_grad():
+                left, right = adapter.factors(multiplier)
             weight = _rebuild_in_workspace(layer.weight, adapter, left.detach(), right.detach())
+        else:
+            with torch.enable_grad():
+                weight = adapted.adapted_weight(ctx.adapters)
         with torch.no_grad():
             # The layer's operation ran at the gradient's dtype (lower than W' under autocast).
             x_op, weight_op = x.to(grad.dtype), weight.to(grad.dtype)
@@ -289,7 +288,7 @@ def _rebuild_in_workspace(
     out = _WORKSPACE.take(left.shape[0], right.shape[1], weight.device)
     with float32_rebuild(weight):
         update = torch.mm(left, right, out=out).view(weight.shape)
-    return compose_one_in_place(weight, Term(adapter.composition, adapter.lie_map, update))
+    return compose_one_in_place(weight, update, adapter.composition, adapter.lie_map)
 
 
 def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
