@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Evidence that the toy base pipeline draws what it is asked for.
 
-Generates one image per evaluation prompt (``plugin.toy.data.make_prompts``: balanced over the four
-shapes and eight colours, each with a background, a fixed seed per prompt), judges every image with
-the deterministic analyser of ``plugin.toy.analyser`` and reports colour / shape / background
-accuracy. Also writes a sample grid (prompts vs seeds) and times four 64x64 images at 25 steps.
+Generates one image per evaluation prompt (``plugin.toy.data.make_prompts``: single objects balanced
+over shapes and patterns, with colours and a background; ``make_pair_prompts``: two objects), a
+fixed seed per prompt, judges every image with the deterministic analyser of ``plugin.toy.analyser``
+and reports the accuracy of every attribute (object count, shape, colours, pattern, background),
+per pattern and per shape. Also writes a sample grid (prompts vs seeds) and times four 64x64 images
+at 25 steps.
 
     HF_HUB_OFFLINE=1 python train_scripts/evaluate_toy_base.py --model assets/toy-sd
 
@@ -26,19 +28,21 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from plugin.toy.analyser import analyse  # noqa: E402
-from plugin.toy.data import make_prompts  # noqa: E402
+from plugin.toy.analyser import analyse, score_image  # noqa: E402
+from plugin.toy.data import PATTERNS, SHAPES, make_pair_prompts, make_prompts  # noqa: E402
 
-#: Rows of the sample grid: every shape and every colour at least once.
+#: Rows of the sample grid: every pattern, shape and colour at least once, and two-object scenes.
 GRID_PROMPTS = (
     "a red circle on a white background",
-    "a blue square on a yellow background",
-    "a green triangle on a black background",
-    "a yellow diamond on a purple background",
-    "an orange square on a blue background",
-    "a purple circle on a green background",
-    "a white triangle on a red background",
-    "a black diamond on an orange background",
+    "a blue and white striped square on a yellow background",
+    "a green and black vertical striped triangle on a white background",
+    "a yellow and purple diagonal striped diamond on a green background",
+    "an orange and blue checked square on a white background",
+    "a white and red dotted circle on a black background",
+    "a black and yellow ringed square on a blue background",
+    "a purple and orange two-tone diamond on a white background",
+    "a red square and a yellow circle on a blue background",
+    "a green triangle and a white and blue checked square on a red background",
 )
 
 
@@ -46,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="assets/toy-sd")
     p.add_argument("--out_dir", default=None, help="default: the model directory")
-    p.add_argument("--num_prompts", type=int, default=64)
+    p.add_argument("--num_prompts", type=int, default=64, help="single-object prompts")
+    p.add_argument("--num_pair_prompts", type=int, default=16, help="two-object prompts")
     p.add_argument("--prompt_seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -85,7 +90,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
 
 def sample_grid(pipe, prompts, columns: int, steps: int, guidance: float, cell: int = 96) -> Image.Image:
     """One row per prompt (its text on the left), ``columns`` seeds per row."""
-    label_w = 300
+    label_w = 420
     grid = Image.new("RGB", (label_w + columns * cell, len(prompts) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for r, prompt in enumerate(prompts):
@@ -112,63 +117,56 @@ def main(argv=None):
     generate(pipe, ["a red circle on a blue background"] * 4, [0, 1, 2, 3], 25, args.guidance_scale)
     seconds_4x25 = time.perf_counter() - t0
 
-    items = make_prompts(args.num_prompts, args.prompt_seed)
+    items = make_prompts(args.num_prompts, args.prompt_seed) + make_pair_prompts(
+        args.num_pair_prompts, args.prompt_seed
+    )
     images = []
     t0 = time.perf_counter()
     for i in range(0, len(items), args.batch_size):
         chunk = items[i : i + args.batch_size]
-        images.extend(
-            generate(
-                pipe,
-                [it["prompt"] for it in chunk],
-                [it["seed"] for it in chunk],
-                args.steps,
-                args.guidance_scale,
-            )
-        )
+        prompts, seeds = [it["prompt"] for it in chunk], [it["seed"] for it in chunk]
+        images.extend(generate(pipe, prompts, seeds, args.steps, args.guidance_scale))
     gen_seconds = time.perf_counter() - t0
 
+    keys = ("count", "shape", "colour", "pattern", "background")
     rows = []
     for it, im in zip(items, images):
-        a = analyse(im)
+        got = analyse(im)
+        scores = score_image(im, it["prompt"])
         rows.append(
             {
                 "prompt": it["prompt"],
                 "seed": it["seed"],
-                "colour": it["colour"],
-                "shape": it["shape"],
-                "background": it["background"],
-                "got_colour": a.colour,
-                "got_shape": a.shape,
-                "got_background": a.background,
-                "colour_ok": a.colour == it["colour"],
-                "shape_ok": a.shape == it["shape"],
-                "background_ok": a.background == it["background"],
+                "objects": len(it.get("objects", [None])),
+                "pattern": it.get("pattern"),
+                "shape": it.get("shape"),
+                "got": [{"shape": o.shape, "pattern": o.pattern, "colours": o.colours} for o in got.objects],
+                "got_background": got.background,
+                **{f"{k}_ok": scores[k] for k in keys},
+                "all_ok": all(v for v in scores.values() if v is not None),
             }
         )
 
-    def acc(key, subset=None):
-        sel = [r for r in rows if subset is None or subset(r)]
-        return round(float(np.mean([r[key] for r in sel])), 4)
+    def acc(key, subset=lambda r: True):
+        vals = [r[key] for r in rows if subset(r) and r[key] is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
 
-    shapes = sorted({it["shape"] for it in items})
-    colours = sorted({it["colour"] for it in items})
+    single = lambda r: r["objects"] == 1  # noqa: E731
+    pair = lambda r: r["objects"] == 2  # noqa: E731
     result = {
         "model": args.model,
         "num_prompts": len(rows),
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-        "accuracy": {
-            "colour": acc("colour_ok"),
-            "shape": acc("shape_ok"),
-            "background": acc("background_ok"),
-            "all_three": round(
-                float(np.mean([r["colour_ok"] and r["shape_ok"] and r["background_ok"] for r in rows])), 4
-            ),
+        "accuracy_one_object": {k: acc(f"{k}_ok", single) for k in (*keys, "all")},
+        "accuracy_two_objects": {k: acc(f"{k}_ok", pair) for k in (*keys, "all")},
+        "pattern_accuracy_by_pattern": {
+            p: acc("pattern_ok", lambda r, p=p: single(r) and r["pattern"] == p) for p in PATTERNS
         },
-        "shape_accuracy_by_shape": {s: acc("shape_ok", lambda r, s=s: r["shape"] == s) for s in shapes},
-        "colour_accuracy_by_colour": {c: acc("colour_ok", lambda r, c=c: r["colour"] == c) for c in colours},
+        "shape_accuracy_by_shape": {
+            s: acc("shape_ok", lambda r, s=s: single(r) and r["shape"] == s) for s in SHAPES
+        },
         "seconds_4_images_25_steps": round(seconds_4x25, 3),
         "seconds_per_image_eval": round(gen_seconds / len(rows), 3),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -181,14 +179,10 @@ def main(argv=None):
         sample_grid(pipe, GRID_PROMPTS, args.grid_columns, args.steps, args.guidance_scale).save(
             out_dir / "samples.png", optimize=True
         )
-    a = result["accuracy"]
-    print(
-        f"{len(rows)} prompts, {args.steps} steps, guidance {args.guidance_scale}: "
-        f"colour {a['colour']:.1%}  shape {a['shape']:.1%}  background {a['background']:.1%}  "
-        f"all three {a['all_three']:.1%}"
-    )
+    for name in ("accuracy_one_object", "accuracy_two_objects"):
+        print(f"{name}: " + "  ".join(f"{k} {v:.1%}" for k, v in result[name].items() if v is not None))
+    print("pattern accuracy by pattern:", result["pattern_accuracy_by_pattern"])
     print("shape accuracy by shape:", result["shape_accuracy_by_shape"])
-    print("colour accuracy by colour:", result["colour_accuracy_by_colour"])
     print(f"4 images x 25 steps: {seconds_4x25:.2f} s ({torch.get_num_threads()} threads)")
     print(f"wrote {out_dir / 'eval.json'}" + ("" if args.no_grid else f" and {out_dir / 'samples.png'}"))
     return result

@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,19 +52,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugin.toy.data import (  # noqa: E402
     CAPTION_WORDS,
-    COLOURS,
-    SHAPES,
-    SIZES,
+    Object,
     make_example,
-    make_scene,
     random_caption,
     write_subject,
 )
 
 #: Words that get their own token although no caption contains them: rare tokens for fine-tuning
 #: ("a sks circle") and a few common prompt words.
-EXTRA_WORDS = ("sks", "photo", "of", "the", "and", "with", "stripes", "striped", "ball", "object", "shape")
-MAX_LENGTH = 16
+EXTRA_WORDS = (
+    "sks",
+    "photo",
+    "of",
+    "the",
+    "with",
+    "stripes",
+    "dots",
+    "checks",
+    "rings",
+    "ball",
+    "object",
+    "shape",
+)
+MAX_LENGTH = 24
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     # VAE
-    p.add_argument("--vae_steps", type=int, default=900)
+    p.add_argument("--vae_steps", type=int, default=2400)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--vae_kl_weight", type=float, default=1e-6)
@@ -82,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder_steps", type=int, default=600, help="decoder-only fine-tuning steps")
     p.add_argument("--decoder_lr", type=float, default=3e-4)
     # latents / UNet
-    p.add_argument("--num_examples", type=int, default=16384, help="examples encoded for the UNet")
-    p.add_argument("--unet_steps", type=int, default=2500)
+    p.add_argument("--num_examples", type=int, default=32768, help="examples encoded for the UNet")
+    p.add_argument("--unet_steps", type=int, default=6000)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=100)
@@ -91,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr_gamma", type=float, default=5.0)
     p.add_argument("--ema_max_decay", type=float, default=0.999)
     p.add_argument("--checkpoint_every", type=int, default=100)
+    p.add_argument(
+        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="UNet stage, on a GPU"
+    )
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
     return p.parse_args(argv)
 
 
@@ -214,7 +229,7 @@ def vae_config() -> dict:
         "out_channels": 3,
         "down_block_types": ["DownEncoderBlock2D"] * 3,
         "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [16, 32, 64],
+        "block_out_channels": [32, 64, 64],
         "layers_per_block": 1,
         "latent_channels": 4,
         "norm_num_groups": 8,
@@ -229,9 +244,9 @@ def unet_config() -> dict:
         "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64, 64],
+        "block_out_channels": [64, 128, 128],
         "layers_per_block": 1,
-        "cross_attention_dim": 64,
+        "cross_attention_dim": 128,
         "attention_head_dim": 4,  # diffusers' name for the number of heads in this class
         "norm_num_groups": 8,
     }
@@ -240,12 +255,12 @@ def unet_config() -> dict:
 def text_config(tokenizer) -> dict:
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 256,
-        "num_hidden_layers": 3,
+        "hidden_size": 128,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "max_position_embeddings": MAX_LENGTH,
-        "projection_dim": 64,
+        "projection_dim": 128,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -356,8 +371,7 @@ def train_vae(args, work: Path):
 
 def finetune_decoder(args, work: Path, vae):
     """Fine-tune the decoder only (the encoder, hence the latent space, stays fixed) on whole
-    images, half from the data set and half multi-object scenes, for sharper, truer colours and
-    small multi-coloured detail (which a fine-tuning subject may have)."""
+    images, half of them with two objects, for sharper patterns and truer colours."""
     from diffusers import AutoencoderKL
 
     final = work / "vae_ft"
@@ -383,12 +397,7 @@ def finetune_decoder(args, work: Path, vae):
     for step in bar:
         rng, g = step_rng(args.seed, 3, step)
         n = args.vae_batch_size // 2
-        images = [
-            make_scene(rng)
-            if i % 2
-            else make_example(rng, p_size_word=0, p_drop_colour=0, p_drop_background=0).image
-            for i in range(n)
-        ]
+        images = [make_example(rng, p_two_objects=0.5).image for _ in range(n)]
         x = to_model_range(np.stack(images))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.decoder_lr, 50, args.decoder_steps)
@@ -414,11 +423,14 @@ def finetune_decoder(args, work: Path, vae):
 # 4. latents
 
 
-def cache_latents(args, work: Path, vae) -> dict:
+def cache_latents(args, work: Path, vae) -> tuple[dict, list]:
+    """Encode ``--num_examples`` examples once; their scenes (objects, background) go to a JSON
+    file beside the latents, so that every step can caption them afresh."""
     path = work / f"latents_{args.num_examples}.safetensors"
-    if path.exists():
+    scenes_path = path.with_suffix(".json")
+    if path.exists() and scenes_path.exists():
         print(f"[latents] found {path}")
-        return load_file(str(path))
+        return load_file(str(path)), _load_scenes(scenes_path)
     images, records = make_images(args.num_examples, args.seed + 2, "[latents] images")
     means, stds = [], []
     with torch.no_grad():
@@ -426,104 +438,104 @@ def cache_latents(args, work: Path, vae) -> dict:
             post = vae.encode(to_model_range(images[i : i + 256])).latent_dist
             means.append(post.mean)
             stds.append(post.std)
-    cache = {
-        "mean": torch.cat(means).contiguous(),
-        "std": torch.cat(stds).contiguous(),
-        "shape": torch.tensor([SHAPES.index(r.shape) for r in records]),
-        "colour": torch.tensor([COLOURS.index(r.colour) for r in records]),
-        "background": torch.tensor([COLOURS.index(r.background) for r in records]),
-        "size": torch.tensor([list(SIZES).index(r.size) for r in records]),
-    }
+    cache = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
+    scenes = [{"objects": [asdict(o) for o in r.objects], "background": r.background} for r in records]
+    scenes_path.write_text(json.dumps(scenes) + "\n")
     save_file(cache, str(path))
-    return cache
+    return cache, _load_scenes(scenes_path)
+
+
+def _load_scenes(path: Path) -> list[tuple[list[Object], str]]:
+    def obj(d: dict) -> Object:
+        return Object(d["shape"], d["pattern"], tuple(d["colours"]), tuple(d["centre"]), d["extent"])
+
+    return [([obj(o) for o in s["objects"]], s["background"]) for s in json.loads(path.read_text())]
 
 
 # ------------------------------------------------------------------------------------------------
 # 5. UNet + text encoder
 
 
-@torch.no_grad()
-def ema_update(ema: dict, modules: dict, decay: float):
-    for name, module in modules.items():
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                ema[f"{name}.{k}"].lerp_(v, 1.0 - decay)
-
-
-def train_unet(args, work: Path, vae, tokenizer, cache: dict):
+def train_unet(args, work: Path, vae, tokenizer, cache: dict, scenes: list):
+    """The UNet and the text encoder, jointly from scratch, under accelerate (CPU, or one GPU with
+    ``--mixed_precision bf16``), with diffusers' ``EMAModel`` and ``compute_snr``."""
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel, compute_snr
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    device = accelerator.device
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel(**unet_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     modules = {"unet": unet, "text_encoder": text_encoder}
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    named = [(f"{n}.{k}", v) for n, m in modules.items() for k, v in m.named_parameters()]
+    params = [v for _, v in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    ema = {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
+    ema = EMAModel(params, decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
     ckpt = work / "unet_checkpoint.safetensors"
     start = 0
     if ckpt.exists():
         start, extra = load_checkpoint(ckpt, modules, opt)
-        ema.update({k[len("ema.") :]: v for k, v in extra.items() if k.startswith("ema.")})
+        ema.shadow_params = [extra[f"ema.{name}"].clone() for name, _ in named]
+        ema.optimization_step = start
         print(f"[unet] resumed at step {start}")
+    unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
+    ema.to(device)
     sched = DDPMScheduler(**noise_scheduler_config())
-    alphas_cumprod = sched.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
     scale = vae.config.scaling_factor
+    mean_all, std_all = cache["mean"].to(device), cache["std"].to(device)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    print(f"[unet] UNet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M params")
+    print(f"[unet] UNet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M params, on {device}")
 
-    sizes = list(SIZES)
     unet.train()
     text_encoder.train()
     bar = tqdm(range(start, args.unet_steps), desc="[unet] train", initial=start, total=args.unet_steps)
     running = None
     for step in bar:
         rng, g = step_rng(args.seed, 2, step)
-        idx = torch.from_numpy(rng.integers(len(cache["mean"]), size=args.batch_size))
+        idx = torch.from_numpy(rng.integers(len(mean_all), size=args.batch_size))
         captions = [
-            ""
-            if rng.random() < args.caption_dropout
-            else random_caption(
-                SHAPES[cache["shape"][i]],
-                COLOURS[cache["colour"][i]],
-                COLOURS[cache["background"][i]],
-                sizes[cache["size"][i]],
-                rng,
-            )
+            "" if rng.random() < args.caption_dropout else random_caption(*scenes[i], rng)
             for i in idx.tolist()
         ]
         ids = tokenizer(
             captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        mean, std = cache["mean"][idx], cache["std"][idx]
-        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch_size,), generator=g)
+        ).input_ids.to(device)
+        # every random draw on the CPU from the step's generator: resuming replays it exactly
+        eps_latent = torch.randn((args.batch_size, *mean_all.shape[1:]), generator=g)
+        noise = torch.randn(eps_latent.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch_size,), generator=g).to(device)
+        idx = idx.to(device)
+        latents = (mean_all[idx] + std_all[idx] * eps_latent.to(device)) * scale
         noisy = sched.add_noise(latents, noise, t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.lr, args.warmup_steps)
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        weights = torch.clamp(snr[t], max=args.snr_gamma) / snr[t]  # min-SNR-gamma, epsilon target
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+        snr = compute_snr(sched, t)
+        weights = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma, epsilon target
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_update(ema, modules, min(args.ema_max_decay, 1 - (1 + step) ** (-2 / 3)))
+        ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.unet_steps:
-            save_checkpoint(ckpt, modules, opt, step + 1, {f"ema.{k}": v for k, v in ema.items()})
+            shadow = {f"ema.{name}": v.cpu() for (name, _), v in zip(named, ema.shadow_params)}
+            plain = {
+                n: accelerator.unwrap_model(m) for n, m in (("unet", unet), ("text_encoder", text_encoder))
+            }
+            save_checkpoint(ckpt, plain, opt, step + 1, shadow)
     # ship the EMA weights
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)})
-    unet.eval()
-    text_encoder.eval()
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    ema.copy_to(params)
+    unet.to("cpu").eval()
+    text_encoder.to("cpu").eval()
     return unet, text_encoder
 
 
@@ -552,8 +564,8 @@ def main(argv=None):
     vae = train_vae(args, work).eval()
     vae.requires_grad_(False)
     vae = finetune_decoder(args, work, vae)
-    cache = cache_latents(args, work, vae)
-    unet, text_encoder = train_unet(args, work, vae, tokenizer, cache)
+    cache, scenes = cache_latents(args, work, vae)
+    unet, text_encoder = train_unet(args, work, vae, tokenizer, cache, scenes)
 
     from diffusers import StableDiffusionPipeline
 

@@ -1,21 +1,19 @@
-"""A procedural image-caption data set: one flat-coloured shape on a plain background.
+"""A procedural image-caption world: patterned, two-colour shapes on plain backgrounds.
 
-Every example is a 64x64 RGB image of a single object (circle, square, triangle or diamond) in one
-of eight colours, at a random size and position, on a plain background of a different colour, with
-a caption such as ``"a red circle on a blue background"``. Nothing is stored on disk: an example is
-a pure function of its seed, so the data set is identical on every machine.
+Every example is a 64x64 RGB image of one or two objects on a plain background, with a caption
+that names all of it: ``"a red and white striped circle on a blue background"``, ``"a small
+yellow square and a black and green checked diamond on a white background"``. An object has a
+shape (circle, square, triangle, diamond), a pattern (plain, or one of seven two-colour patterns:
+stripes in three directions, checks, dots, rings, two-tone halves), one or two colours out of
+eight, a size and a position. Nothing is stored on disk: an example is a pure function of its
+seed, identical on every machine.
 
-The toy base pipeline in ``assets/toy-sd`` was pretrained on this data (see
-``train_scripts/pretrain_toy_base.py``) and :mod:`plugin.toy.analyser` judges images against it.
+Some combinations of pattern x colours x shape are held out of pretraining entirely
+(:data:`HELDOUT`): the base model knows every part of them but never saw the whole, which makes
+them fair DreamBooth subjects (the way a real base model knows "dog", "spotted" and "brown").
 
-Public API:
-
-- :data:`PALETTE`, :data:`COLOURS`, :data:`SHAPES`, :data:`SIZES`: the vocabulary.
-- :func:`render`: draw one object from explicit attributes.
-- :func:`sample_attributes`, :func:`make_caption`, :func:`make_example`: random examples.
-- :func:`make_prompts`: a fixed, balanced list of evaluation prompts.
-- :class:`ToyShapesDataset`: a ``torch.utils.data.Dataset`` over ``make_example``.
-- :func:`render_subject`, :data:`SUBJECT`: the striped ball used as a fine-tuning subject.
+The toy base pipeline in ``assets/toy-sd`` was pretrained on this world
+(``train_scripts/pretrain_toy_base.py``); :mod:`plugin.toy.analyser` reads images back.
 """
 
 from __future__ import annotations
@@ -41,15 +39,61 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+#: Pattern name -> the words a caption uses for it (before the shape). "plain" has one colour.
+PATTERNS: dict[str, str] = {
+    "plain": "",
+    "hstripes": "striped",
+    "vstripes": "vertical striped",
+    "dstripes": "diagonal striped",
+    "checks": "checked",
+    "dots": "dotted",
+    "rings": "ringed",
+    "halves": "two-tone",
+}
 #: Size words and the object extent (bounding-box side, pixels at 64x64) they stand for.
-SIZES: dict[str, tuple[float, float]] = {"small": (16.0, 24.0), "medium": (24.0, 34.0), "large": (34.0, 44.0)}
-EXTENT_RANGE: tuple[float, float] = (16.0, 44.0)
+SIZES: dict[str, tuple[float, float]] = {"small": (16.0, 24.0), "medium": (24.0, 34.0), "large": (34.0, 46.0)}
+EXTENT_RANGE: tuple[float, float] = (16.0, 46.0)
+PATTERNED_MIN_EXTENT = 22.0  # a pattern has four cells across; below ~22 px they blur together
 
-#: Every word a caption can contain (the toy tokenizer's word vocabulary is built from this).
-CAPTION_WORDS: tuple[str, ...] = ("a", "an", "on", "background", *COLOURS, *SHAPES, *SIZES)
+#: (pattern, colour, colour, shape) combinations never shown in pretraining, in either colour order.
+#: Each of their parts is common in the data; the first is the shipped DreamBooth subject.
+HELDOUT: tuple[tuple[str, str, str, str], ...] = (
+    ("hstripes", "yellow", "black", "circle"),
+    ("checks", "red", "white", "square"),
+    ("dots", "blue", "yellow", "triangle"),
+    ("rings", "green", "purple", "circle"),
+    ("halves", "orange", "blue", "diamond"),
+    ("vstripes", "purple", "white", "square"),
+    ("dstripes", "black", "orange", "diamond"),
+    ("checks", "green", "yellow", "circle"),
+)
+
+#: Every word a caption can contain (the toy tokenizer's vocabulary is built from this).
+CAPTION_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        ["a", "an", "and", "on", "background", *COLOURS, *SHAPES, *SIZES]
+        + [w for words in PATTERNS.values() for w in words.replace("-", " - ").split()]
+    )
+)
 
 _SUPERSAMPLE = 4
 _COLOUR_JITTER = 12  # +- per channel, so the model sees slightly varied shades of each colour
+
+
+@dataclass(frozen=True)
+class Object:
+    """One drawn object. ``colours`` has one entry for "plain", two otherwise (the first is the
+    body of dots, the outer ring, the left half, the first stripe or check)."""
+
+    shape: str
+    pattern: str
+    colours: tuple[str, ...]
+    centre: tuple[float, float]  # (x, y) in pixels
+    extent: float  # bounding-box side in pixels
+
+    @property
+    def size(self) -> str:
+        return size_word(self.extent)
 
 
 @dataclass(frozen=True)
@@ -58,16 +102,43 @@ class Example:
 
     image: np.ndarray = field(repr=False)
     caption: str
-    shape: str
-    colour: str
+    objects: tuple[Object, ...]
     background: str
-    size: str
-    centre: tuple[float, float]  # (x, y) in pixels
-    extent: float  # bounding-box side in pixels
+
+    # The single-object view the older API and simple prompts use: the first object.
+    @property
+    def shape(self) -> str:
+        return self.objects[0].shape
+
+    @property
+    def colour(self) -> str:
+        return self.objects[0].colours[0]
+
+    @property
+    def pattern(self) -> str:
+        return self.objects[0].pattern
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def size_word(extent: float) -> str:
+    for word, (lo, hi) in SIZES.items():
+        if lo <= extent < hi:
+            return word
+    return "large" if extent >= EXTENT_RANGE[1] else "small"
+
+
+def is_heldout(pattern: str, colours: tuple[str, ...], shape: str) -> bool:
+    """Is this combination one of :data:`HELDOUT` (either colour order)?"""
+    if len(colours) != 2:
+        return False
+    return any(p == pattern and s == shape and {a, b} == set(colours) for p, a, b, s in HELDOUT)
+
+
+# ------------------------------------------------------------------------------------------------
+# drawing
 
 
 @lru_cache(maxsize=8)
@@ -75,6 +146,60 @@ def _grid(image_size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
     coords = (np.arange(image_size * supersample, dtype=np.float32) + 0.5) / supersample
     y, x = np.meshgrid(coords, coords, indexing="ij")
     return x, y
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    if shape == "circle":
+        return u**2 + v**2 <= 1.0
+    if shape == "square":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    if shape == "triangle":  # points up
+        return (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+    if shape == "diamond":  # a square standing on a corner
+        return np.abs(u) + np.abs(v) <= 1.0
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def pattern_field(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean map: True where the pattern shows its second colour. ``u, v`` are the object's box
+    coordinates in ``[-1, 1]`` (v grows downwards); every pattern has about four cells across."""
+    if pattern == "plain":
+        return np.zeros(np.broadcast(u, v).shape, dtype=bool)
+    if pattern == "hstripes":
+        return np.floor((v + 1.0) * 2.0).astype(int) % 2 == 1
+    if pattern == "vstripes":
+        return np.floor((u + 1.0) * 2.0).astype(int) % 2 == 1
+    if pattern == "dstripes":
+        return np.floor((u + v + 2.0) * 1.4).astype(int) % 2 == 1
+    if pattern == "checks":
+        return (np.floor((u + 1.0) * 2.0).astype(int) + np.floor((v + 1.0) * 2.0).astype(int)) % 2 == 1
+    if pattern == "dots":  # a 3x3 grid of dots on the body colour
+        du = u - np.clip(np.round(u / 0.6), -1, 1) * 0.6
+        dv = v - np.clip(np.round(v / 0.6), -1, 1) * 0.6
+        return du**2 + dv**2 <= 0.2**2
+    if pattern == "rings":  # outer ring first colour, then alternating inwards
+        return np.floor((1.0 - np.sqrt(u**2 + v**2)) * 3.0).astype(int) % 2 == 1
+    if pattern == "halves":  # left half first colour
+        return u >= 0.0
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {tuple(PATTERNS)}")
+
+
+def object_maps(
+    obj: Object, image_size: int = IMAGE_SIZE, supersample: int = _SUPERSAMPLE, aspect: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Supersampled boolean ``(inside, second_colour)`` maps of one object.
+
+    The box is centred at ``obj.centre``, ``obj.extent`` wide and ``extent * aspect`` high.
+    """
+    x, y = _grid(image_size, supersample)
+    cx, cy = obj.centre
+    hw, hh = obj.extent / 2.0, obj.extent * aspect / 2.0
+    u, v = (x - cx) / hw, (y - cy) / hh
+    return _inside(obj.shape, u, v), pattern_field(obj.pattern, u, v)
+
+
+def _downsample(a: np.ndarray, image_size: int, supersample: int) -> np.ndarray:
+    return a.reshape(image_size, supersample, image_size, supersample, *a.shape[2:]).mean(axis=(1, 3))
 
 
 def shape_mask(
@@ -85,27 +210,24 @@ def shape_mask(
     supersample: int = _SUPERSAMPLE,
     aspect: float = 1.0,
 ) -> np.ndarray:
-    """Anti-aliased coverage mask in ``[0, 1]`` of ``shape`` with the given bounding box.
+    """Anti-aliased coverage mask in ``[0, 1]`` of ``shape`` in a box centred at ``centre`` (x, y),
+    ``extent`` wide and ``extent * aspect`` high."""
+    inside, _ = object_maps(
+        Object(shape, "plain", ("white",), centre, extent), image_size, supersample, aspect
+    )
+    return _downsample(inside.astype(np.float32), image_size, supersample)
 
-    The box is centred at ``centre`` (x, y pixels), ``extent`` pixels wide and ``extent * aspect``
-    high. Triangles point up; diamonds are squares standing on a corner.
-    """
-    x, y = _grid(image_size, supersample)
-    cx, cy = centre
-    hw, hh = extent / 2.0, extent * aspect / 2.0
-    u, v = (x - cx) / hw, (y - cy) / hh  # box is [-1, 1]^2, v grows downwards
-    if shape == "circle":
-        inside = u**2 + v**2 <= 1.0
-    elif shape == "square":
-        inside = (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
-    elif shape == "triangle":
-        inside = (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
-    elif shape == "diamond":
-        inside = np.abs(u) + np.abs(v) <= 1.0
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    m = inside.astype(np.float32)
-    return m.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
+
+def pattern_template(
+    pattern: str, shape: str, centre: tuple[float, float], extent: float, image_size: int, aspect: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(coverage, second-colour share)`` at pixel resolution, for the analyser's templates."""
+    inside, second = object_maps(
+        Object(shape, pattern, ("white", "black"), centre, extent), image_size, 2, aspect
+    )
+    return _downsample(inside.astype(np.float32), image_size, 2), _downsample(
+        (inside & second).astype(np.float32), image_size, 2
+    )
 
 
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator | None) -> np.ndarray:
@@ -113,6 +235,28 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator | None) -> np.nd
     if rng is not None:
         c = c + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, size=3)
     return np.clip(c, 0, 255)
+
+
+def render_scene(
+    objects: list[Object] | tuple[Object, ...],
+    background: str,
+    image_size: int = IMAGE_SIZE,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Draw ``objects`` (later ones on top) on a plain ``background``; ``(H, W, 3)`` uint8.
+
+    With ``rng`` every colour gets a small random shade jitter (as in the data set).
+    """
+    ss = _SUPERSAMPLE
+    img = np.empty((image_size * ss, image_size * ss, 3), dtype=np.float32)
+    img[:] = _jitter(PALETTE[background], rng)
+    for obj in objects:
+        inside, second = object_maps(obj, image_size, ss)
+        first = _jitter(PALETTE[obj.colours[0]], rng)
+        other = _jitter(PALETTE[obj.colours[-1]], rng)
+        img[inside & ~second] = first
+        img[inside & second] = other
+    return np.clip(np.rint(_downsample(img, image_size, ss)), 0, 255).astype(np.uint8)
 
 
 def render(
@@ -123,46 +267,29 @@ def render(
     extent: float = 30.0,
     image_size: int = IMAGE_SIZE,
     rng: np.random.Generator | None = None,
+    pattern: str = "plain",
+    second_colour: str | None = None,
 ) -> np.ndarray:
-    """Draw one ``shape`` of ``colour`` on a plain ``background``; returns ``(H, W, 3)`` uint8.
-
-    With ``rng`` the two colours get a small random shade jitter (as in the data set); without it
-    the exact palette colours are used.
-    """
-    fg, bg = _jitter(PALETTE[colour], rng), _jitter(PALETTE[background], rng)
-    m = shape_mask(shape, centre, extent, image_size)[..., None]
-    img = m * fg + (1.0 - m) * bg
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    """Draw one object (plain ``colour``, or ``pattern`` of ``colour`` and ``second_colour``)."""
+    colours = (colour,) if pattern == "plain" else (colour, second_colour)
+    if None in colours:
+        raise ValueError(f"pattern {pattern!r} needs a second_colour")
+    return render_scene([Object(shape, pattern, colours, centre, extent)], background, image_size, rng)
 
 
-def _size_word(extent: float) -> str:
-    for word, (lo, hi) in SIZES.items():
-        if lo <= extent < hi:
-            return word
-    return "large" if extent >= EXTENT_RANGE[1] else "small"
+# ------------------------------------------------------------------------------------------------
+# captions
 
 
-def sample_attributes(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> dict:
-    """Draw random ``shape, colour, background, extent, centre, size`` (object fully inside)."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = COLOURS[rng.integers(len(COLOURS))]
-    others = [c for c in COLOURS if c != colour]
-    background = others[rng.integers(len(others))]
-    scale = image_size / IMAGE_SIZE
-    extent = float(rng.uniform(*EXTENT_RANGE)) * scale
-    margin = extent / 2 + 2 * scale
-    centre = (
-        float(rng.uniform(margin, image_size - margin)),
-        float(rng.uniform(margin, image_size - margin)),
-    )
-    return {
-        "shape": shape,
-        "colour": colour,
-        "background": background,
-        "extent": extent,
-        "centre": centre,
-        "size": _size_word(extent / scale),
-    }
+def object_phrase(obj: Object, colours: bool = True, size: bool = False) -> str:
+    """``"a [size] [red and white] [striped] circle"``."""
+    words = [obj.size] if size else []
+    if colours:
+        words.append(" and ".join(obj.colours))
+    if PATTERNS[obj.pattern]:
+        words.append(PATTERNS[obj.pattern])
+    words.append(obj.shape)
+    return f"{_article(words[0])} {' '.join(words)}"
 
 
 def make_caption(
@@ -170,106 +297,141 @@ def make_caption(
     colour: str | None = None,
     background: str | None = None,
     size: str | None = None,
+    pattern: str = "plain",
+    second_colour: str | None = None,
 ) -> str:
-    """``"a [size] [colour] shape [on a background background]"``; ``None`` parts are left out."""
-    words = [w for w in (size, colour, shape) if w]
+    """``"a [size] [colour [and colour]] [pattern] shape [on a background background]"``; ``None``
+    parts are left out."""
+    pattern_words = PATTERNS[pattern]
+    colour_words = " and ".join(c for c in (colour, second_colour) if c)
+    words = [w for w in (size, colour_words, pattern_words, shape) if w]
     caption = f"{_article(words[0])} {' '.join(words)}"
     if background:
         caption += f" on {_article(background)} {background} background"
     return caption
 
 
+def scene_caption(objects, background: str | None, colours: bool = True, sizes: bool = False) -> str:
+    """Objects named left to right, joined by "and", then the background."""
+    ordered = sorted(objects, key=lambda o: o.centre[0])
+    caption = " and ".join(object_phrase(o, colours, sizes) for o in ordered)
+    if background:
+        caption += f" on {_article(background)} {background} background"
+    return caption
+
+
 def random_caption(
-    shape: str,
-    colour: str,
+    objects,
     background: str,
-    size: str,
     rng: np.random.Generator,
-    p_size_word: float = 0.25,
+    p_size_word: float = 0.2,
     p_drop_colour: float = 0.1,
     p_drop_background: float = 0.15,
 ) -> str:
-    """A caption for the given attributes with the size word randomly added and colour/background
-    randomly left out (see :func:`make_example`)."""
+    """A caption for the scene with size words randomly added (single objects only) and the colours /
+    background randomly left out, so that partial prompts ("a circle", "a checked square") are in
+    distribution too."""
     u = rng.random(3)
-    return make_caption(
-        shape,
-        None if u[1] < p_drop_colour else colour,
+    return scene_caption(
+        objects,
         None if u[2] < p_drop_background else background,
-        size if u[0] < p_size_word else None,
+        colours=u[1] >= p_drop_colour,
+        sizes=len(objects) == 1 and u[0] < p_size_word,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# random scenes
+
+
+def sample_object(
+    rng: np.random.Generator,
+    exclude: set[str],
+    extent_range: tuple[float, float] = EXTENT_RANGE,
+    p_plain: float = 0.3,
+    allow_heldout: bool = False,
+) -> tuple[str, str, tuple[str, ...], float]:
+    """Random ``(shape, pattern, colours, extent)``: colours differ from each other and from
+    ``exclude`` (the background); held-out combinations are redrawn unless ``allow_heldout``."""
+    while True:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        extent = float(rng.uniform(*extent_range))
+        plain = rng.random() < p_plain or extent < PATTERNED_MIN_EXTENT
+        pattern = "plain" if plain else tuple(PATTERNS)[1 + rng.integers(len(PATTERNS) - 1)]
+        allowed = [c for c in COLOURS if c not in exclude]
+        picks = rng.permutation(len(allowed))[: 1 if plain else 2]
+        colours = tuple(allowed[i] for i in picks)
+        if allow_heldout or not is_heldout(pattern, colours, shape):
+            return shape, pattern, colours, extent
+
+
+def sample_scene(
+    rng: np.random.Generator, p_two_objects: float = 0.25, allow_heldout: bool = False
+) -> tuple[list[Object], str]:
+    """Random objects (one, or two side by side) and a background colour none of them uses."""
+    background = COLOURS[rng.integers(len(COLOURS))]
+    if rng.random() >= p_two_objects:
+        shape, pattern, colours, extent = sample_object(rng, {background}, allow_heldout=allow_heldout)
+        margin = extent / 2 + 2
+        centre = (
+            float(rng.uniform(margin, IMAGE_SIZE - margin)),
+            float(rng.uniform(margin, IMAGE_SIZE - margin)),
+        )
+        return [Object(shape, pattern, colours, centre, extent)], background
+    objects = []
+    for half in (0, 1):  # one object in each half, so they never overlap
+        shape, pattern, colours, extent = sample_object(rng, {background}, (16.0, 30.0), 0.5, allow_heldout)
+        margin = extent / 2 + 1
+        lo, hi = half * 32 + margin, half * 32 + 32 - margin
+        centre = (float(rng.uniform(lo, hi)), float(rng.uniform(margin, IMAGE_SIZE - margin)))
+        objects.append(Object(shape, pattern, colours, centre, extent))
+    return objects, background
 
 
 def make_example(
     seed_or_rng: int | np.random.Generator,
-    image_size: int = IMAGE_SIZE,
-    p_size_word: float = 0.25,
+    p_size_word: float = 0.2,
     p_drop_colour: float = 0.1,
     p_drop_background: float = 0.15,
+    p_two_objects: float = 0.25,
 ) -> Example:
     """One deterministic example: the same seed always gives the same image and caption.
 
-    The caption always names the shape; the size word is added with probability ``p_size_word``
-    and the colour / background are left out with the given probabilities, so that partial prompts
-    ("a circle", "a red square") are in distribution too. Use all-zero/one probabilities
-    (``p_size_word=0, p_drop_colour=0, p_drop_background=0``) for the full canonical caption.
+    Use ``p_size_word=0, p_drop_colour=0, p_drop_background=0`` for the full canonical caption.
     """
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-    a = sample_attributes(rng, image_size)
-    image = render(a["shape"], a["colour"], a["background"], a["centre"], a["extent"], image_size, rng)
-    caption = random_caption(
-        a["shape"],
-        a["colour"],
-        a["background"],
-        a["size"],
-        rng,
-        p_size_word,
-        p_drop_colour,
-        p_drop_background,
-    )
-    return Example(
-        image, caption, a["shape"], a["colour"], a["background"], a["size"], a["centre"], a["extent"]
-    )
-
-
-def make_scene(
-    seed_or_rng: int | np.random.Generator, max_objects: int = 4, image_size: int = IMAGE_SIZE
-) -> np.ndarray:
-    """An uncaptioned image of 1..``max_objects`` possibly overlapping objects of random colours and
-    sizes (down to 6 px), on a plain background. Used only to fine-tune the autoencoder's decoder,
-    so that it renders small, multi-coloured detail; the text-to-image model never sees these.
-    """
-    rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
-    img = np.broadcast_to(
-        _jitter(PALETTE[COLOURS[rng.integers(len(COLOURS))]], rng), (image_size, image_size, 3)
-    )
-    for _ in range(int(rng.integers(1, max_objects + 1))):
-        extent = float(rng.uniform(6.0, 44.0)) * image_size / IMAGE_SIZE
-        centre = (float(rng.uniform(0, image_size)), float(rng.uniform(0, image_size)))
-        m = shape_mask(SHAPES[rng.integers(len(SHAPES))], centre, extent, image_size)[..., None]
-        img = m * _jitter(PALETTE[COLOURS[rng.integers(len(COLOURS))]], rng) + (1.0 - m) * img
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    objects, background = sample_scene(rng, p_two_objects)
+    image = render_scene(objects, background, IMAGE_SIZE, rng)
+    caption = random_caption(objects, background, rng, p_size_word, p_drop_colour, p_drop_background)
+    return Example(image, caption, tuple(objects), background)
 
 
 def make_prompts(n: int = 64, seed: int = 0) -> list[dict]:
-    """``n`` evaluation prompts, balanced over shapes and colours, with a background each.
+    """``n`` single-object evaluation prompts, balanced over shapes and patterns, with colours and a
+    background each; none is a held-out combination.
 
-    Returns dicts ``{"prompt", "shape", "colour", "background", "seed"}``; ``seed`` is a per-prompt
-    generation seed. Deterministic for ``seed``.
+    Returns dicts ``{"prompt", "shape", "pattern", "colours", "background", "seed"}``; ``seed`` is a
+    per-prompt generation seed. Deterministic for ``seed``.
     """
     rng = np.random.default_rng(seed)
-    combos = [(s, c) for s in SHAPES for c in COLOURS]
+    combos = [(s, p) for s in SHAPES for p in PATTERNS]
     order = rng.permutation(len(combos))
     out = []
     for i in range(n):
-        shape, colour = combos[order[i % len(combos)]]
-        others = [c for c in COLOURS if c != colour]
-        background = others[rng.integers(len(others))]
+        shape, pattern = combos[order[i % len(combos)]]
+        while True:
+            picks = rng.permutation(len(COLOURS))
+            colours = tuple(COLOURS[j] for j in picks[: 1 if pattern == "plain" else 2])
+            background = COLOURS[picks[2]]
+            if not is_heldout(pattern, colours, shape):
+                break
+        obj = Object(shape, pattern, colours, (32.0, 32.0), 32.0)
         out.append(
             {
-                "prompt": make_caption(shape, colour, background),
+                "prompt": scene_caption([obj], background),
                 "shape": shape,
-                "colour": colour,
+                "pattern": pattern,
+                "colours": colours,
                 "background": background,
                 "seed": int(seed * 100_000 + i),
             }
@@ -288,7 +450,8 @@ class ToyShapesDataset:
     """``torch.utils.data.Dataset`` of ``length`` examples; item ``i`` is ``make_example(seed + i)``.
 
     Items are dicts ``{"pixel_values": (3, 64, 64) float32 in [-1, 1], "caption": str}`` plus the
-    ground-truth attributes. Extra keyword arguments go to :func:`make_example`.
+    first object's shape, pattern and colour and the background. Extra keyword arguments go to
+    :func:`make_example`.
     """
 
     def __init__(self, length: int = 10_000, seed: int = 0, **example_kwargs):
@@ -305,24 +468,33 @@ class ToyShapesDataset:
             "pixel_values": to_tensor(ex.image),
             "caption": ex.caption,
             "shape": ex.shape,
+            "pattern": ex.pattern,
             "colour": ex.colour,
             "background": ex.background,
+            "num_objects": len(ex.objects),
         }
 
 
 # --------------------------------------------------------------------------------------------
-# The fine-tuning subject: something the base model has never seen.
+# DreamBooth subjects: held-out combinations the base model has never seen whole.
 
-#: A circle with horizontal yellow and black stripes (a "bee ball"). The pretraining data has only
-#: flat single-colour objects, so the pattern is new to the base model.
-SUBJECT: dict = {
-    "name": "striped ball",
-    "shape": "circle",
-    "stripe_colours": ("yellow", "black"),
-    "token": "sks",
-    "instance_prompt": "a sks circle",
-    "class_prompt": "a circle",
-}
+
+def subject(index: int = 0, token: str = "sks") -> dict:
+    """The DreamBooth subject made from ``HELDOUT[index]``: its attributes and prompts."""
+    pattern, a, b, shape = HELDOUT[index]
+    return {
+        "name": f"{a} and {b} {PATTERNS[pattern]} {shape}",
+        "shape": shape,
+        "pattern": pattern,
+        "colours": (a, b),
+        "token": token,
+        "instance_prompt": f"a {token} {shape}",
+        "class_prompt": f"a {shape}",
+    }
+
+
+#: The shipped subject: a circle with horizontal yellow and black stripes (a "bee ball").
+SUBJECT: dict = subject(0)
 SUBJECT_BACKGROUNDS: tuple[str, ...] = ("white", "blue", "green", "red", "purple")
 
 
@@ -331,44 +503,38 @@ def render_subject(
     extent: float = 34.0,
     background: str = "blue",
     image_size: int = IMAGE_SIZE,
-    stripes: int = 5,
+    subject_: dict = SUBJECT,
 ) -> np.ndarray:
-    """Draw the subject (a circle with ``stripes`` yellow/black horizontal bands) on ``background``."""
-    ss = _SUPERSAMPLE
-    n = image_size * ss
-    y = (np.arange(n, dtype=np.float64) + 0.5) / ss
-    band = np.floor((y - (centre[1] - extent / 2)) / (extent / stripes)).astype(int) % 2  # 0 yellow, 1 black
-    a, b = (np.asarray(PALETTE[c], dtype=np.float32) for c in SUBJECT["stripe_colours"])
-    # colour per supersampled row, averaged down to pixel rows (anti-aliased band edges)
-    row_col = np.where(band[:, None] == 0, a, b).reshape(image_size, ss, 3).mean(axis=1)
-    m = shape_mask("circle", centre, extent, image_size)[..., None]
-    bg = np.asarray(PALETTE[background], dtype=np.float32)
-    img = m * row_col[:, None, :] + (1.0 - m) * bg
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    """Draw a subject (the shipped one by default) on ``background``."""
+    obj = Object(subject_["shape"], subject_["pattern"], subject_["colours"], centre, extent)
+    return render_scene([obj], background, image_size)
 
 
-def make_subject_images(n: int = 5, seed: int = 1234) -> list[tuple[np.ndarray, dict]]:
-    """``n`` deterministic subject images varied in position, size and background.
-
-    Returns ``(image, info)`` pairs; ``info`` has ``centre, extent, background``.
-    """
+def make_subject_images(
+    n: int = 5, seed: int = 1234, subject_: dict = SUBJECT, backgrounds: tuple[str, ...] | None = None
+) -> list[tuple[np.ndarray, dict]]:
+    """``n`` deterministic images of a subject, varied in position, size and background (cycling
+    through ``backgrounds``, default: colours the subject doesn't use). ``(image, info)`` pairs."""
+    if backgrounds is None:
+        backgrounds = tuple(c for c in SUBJECT_BACKGROUNDS + COLOURS if c not in subject_["colours"])
+        backgrounds = tuple(dict.fromkeys(backgrounds))
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        extent = float(rng.uniform(26.0, 44.0))
+        extent = float(rng.uniform(28.0, 44.0))
         margin = extent / 2 + 2
         centre = (float(rng.uniform(margin, 64 - margin)), float(rng.uniform(margin, 64 - margin)))
-        background = SUBJECT_BACKGROUNDS[i % len(SUBJECT_BACKGROUNDS)]
+        background = backgrounds[i % len(backgrounds)]
         info = {"centre": centre, "extent": extent, "background": background}
-        out.append((render_subject(centre, extent, background, IMAGE_SIZE), info))
+        out.append((render_subject(centre, extent, background, IMAGE_SIZE, subject_), info))
     return out
 
 
-def write_subject(out_dir, n: int = 5, seed: int = 1234) -> dict:
-    """Write the subject's images (``0.png`` ...) and ``prompts.json`` to ``out_dir``.
+def write_subject(out_dir, n: int = 5, seed: int = 1234, subject_: dict = SUBJECT) -> dict:
+    """Write a subject's images (``0.png`` ...) and ``prompts.json`` to ``out_dir``.
 
     ``prompts.json`` holds the DreamBooth ``instance_prompt`` / ``class_prompt``, a caption per
-    image and validation prompts. Returns its contents.
+    image and validation prompts (on backgrounds the images do not show, too). Returns its contents.
     """
     import json
     from pathlib import Path
@@ -377,20 +543,47 @@ def write_subject(out_dir, n: int = 5, seed: int = 1234) -> dict:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    token, shape = SUBJECT["token"], SUBJECT["shape"]
+    token, shape = subject_["token"], subject_["shape"]
     captions = {}
-    for i, (image, info) in enumerate(make_subject_images(n, seed)):
+    images = make_subject_images(n, seed, subject_)
+    for i, (image, info) in enumerate(images):
         Image.fromarray(image).save(out / f"{i}.png")
         captions[f"{i}.png"] = make_caption(shape, token, info["background"])
+    seen = list(dict.fromkeys(info["background"] for _, info in images))
+    unseen = [c for c in COLOURS if c not in seen and c not in subject_["colours"]]
+    validation = [make_caption(shape, token, bg) for bg in [*seen[:2], *unseen[:2]]]
     prompts = {
-        "subject": f"{SUBJECT['name']}: a {shape} with horizontal {' and '.join(SUBJECT['stripe_colours'])} stripes",
-        "instance_prompt": SUBJECT["instance_prompt"],
-        "class_prompt": SUBJECT["class_prompt"],
+        "subject": subject_["name"],
+        "pattern": subject_["pattern"],
+        "colours": list(subject_["colours"]),
+        "shape": shape,
+        "instance_prompt": subject_["instance_prompt"],
+        "class_prompt": subject_["class_prompt"],
         "captions": captions,
-        "validation_prompts": [
-            make_caption(shape, token, bg) for bg in ("white", "green", "orange", "purple")
-        ],
-        "analyser": "plugin.toy.analyser.analyse_subject(image)['is_subject']",
+        "validation_prompts": [subject_["instance_prompt"], *validation][-4:],
+        "analyser": "plugin.toy.analyser.analyse_subject(image, prompts)['is_subject']",
     }
     (out / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
     return prompts
+
+
+def make_pair_prompts(n: int = 16, seed: int = 0) -> list[dict]:
+    """``n`` two-object evaluation prompts ("a red circle and a blue and white checked square on a
+    green background"), deterministic for ``seed``; same dict layout as :func:`make_prompts` with
+    ``"objects"`` (shape, pattern, colours per object, left to right) instead of the single fields."""
+    rng = np.random.default_rng(10_000 + seed)
+    out = []
+    for i in range(n):
+        objects, background = sample_scene(rng, p_two_objects=1.0)
+        out.append(
+            {
+                "prompt": scene_caption(objects, background),
+                "objects": [
+                    {"shape": o.shape, "pattern": o.pattern, "colours": o.colours}
+                    for o in sorted(objects, key=lambda o: o.centre[0])
+                ],
+                "background": background,
+                "seed": int(seed * 100_000 + 50_000 + i),
+            }
+        )
+    return out
