@@ -140,18 +140,29 @@ def train(args: argparse.Namespace, script, method: str, budget: str, seed: int)
 
 
 def class_images(count: int, seed: int = 2024) -> list:
-    """Circles of the toy world (random colours, sizes, places, backgrounds): the subject's class."""
+    """Circles of the toy world (random patterns, colours, sizes, places, backgrounds): the subject's
+    class."""
     import numpy as np
     from PIL import Image
 
-    from plugin.toy.data import render, sample_attributes
+    from plugin.toy.data import COLOURS, IMAGE_SIZE, Object, render_scene, sample_object
 
     rng = np.random.default_rng(seed)
     images = []
-    for _ in range(count):
-        a = sample_attributes(rng)
+    while len(images) < count:
+        background = COLOURS[rng.integers(len(COLOURS))]
+        shape, pattern, colours, extent = sample_object(rng, {background})
+        if shape != "circle":
+            continue
+        margin = extent / 2 + 2
+        centre = (
+            float(rng.uniform(margin, IMAGE_SIZE - margin)),
+            float(rng.uniform(margin, IMAGE_SIZE - margin)),
+        )
         images.append(
-            Image.fromarray(render("circle", a["colour"], a["background"], a["centre"], a["extent"], rng=rng))
+            Image.fromarray(
+                render_scene([Object(shape, pattern, colours, centre, extent)], background, rng=rng)
+            )
         )
     return images
 
@@ -171,6 +182,12 @@ class Judge:
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         prompts = json.loads(Path(args.subject, "prompts.json").read_text())
+        missing = {"shape", "pattern", "colours"} - set(prompts)
+        if missing:
+            raise SystemExit(
+                f"{Path(args.subject, 'prompts.json')}: the toy analyser needs the subject's {sorted(missing)}"
+            )
+        self.subject = prompts
         self.instance_prompt = prompts["instance_prompt"]
         self.class_prompt = prompts.get("class_prompt", "a circle")
         self.subject_images = [load_rgb(path) for path in list_images(args.subject)]
@@ -224,7 +241,7 @@ class Judge:
             subject = self.generate(
                 [self.instance_prompt] * self.args.subject_samples, list(range(self.args.subject_samples))
             )
-            accuracy = score_images(generated, self.prompts)
+            accuracy = score_images(generated, texts)
             metrics = {
                 "subject_loss": self.loss(self.subject_images, self.instance_prompt),
                 "class_loss": self.loss(self.class_images, self.class_prompt),
@@ -232,7 +249,9 @@ class Judge:
                 "colour_accuracy": accuracy["colour"],
                 "shape_accuracy": accuracy["shape"],
                 "background_accuracy": accuracy["background"],
-                "subject_rate": sum(analyse_subject(im)["is_subject"] for im in subject) / len(subject),
+                "pattern_accuracy": accuracy["pattern"],
+                "subject_rate": sum(analyse_subject(im, self.subject)["is_subject"] for im in subject)
+                / len(subject),
             }
             grid = {"subject": subject[:GRID_SUBJECT], "prompts": generated[:GRID_PROMPTS]}
         finally:

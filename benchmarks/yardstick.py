@@ -39,10 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from common import environment, environment_markdown, markdown_table, write_json, write_markdown  # noqa: E402
+from common import environment, markdown_table, write_json, write_markdown  # noqa: E402
 
 from plugin.toy.analyser import analyse_subject  # noqa: E402
-from plugin.toy.data import COLOURS, HELDOUT, make_caption, make_subject_images, subject  # noqa: E402
+from plugin.toy.data import COLOURS, make_caption, make_subject_images, subject  # noqa: E402
 
 METHODS = {"full": {"lr": 5e-5}, "lora": {"lr": 1e-3, "rank": 8}}
 
@@ -97,7 +97,9 @@ def eval_prompts(subj: dict, train_backgrounds: list[str], n: int) -> dict[str, 
     token_prompt = subj["instance_prompt"]
     return {
         "instance prompt": [token_prompt] * n,
-        "unseen backgrounds": [make_caption(subj["shape"], subj["token"], unseen[i % len(unseen)]) for i in range(n)],
+        "unseen backgrounds": [
+            make_caption(subj["shape"], subj["token"], unseen[i % len(unseen)]) for i in range(n)
+        ],
     }
 
 
@@ -127,14 +129,18 @@ def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], prompt: 
     with torch.no_grad():
         pixels = torch.stack([to_tensor(im) for im in images])
         posterior = vae.encode(pixels).latent_dist
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        ids = tokenizer(
+            [prompt], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        )
         cond = text_encoder(ids.input_ids)[0]
     g = torch.Generator().manual_seed(args.seed)
     losses = []
     unet.train()
     for step in tqdm(range(args.steps), desc=f"[{method}] train", leave=False):
         idx = torch.randint(0, len(images), (args.batch_size,), generator=g)
-        latents = (posterior.mean[idx] + posterior.std[idx] * torch.randn(posterior.mean[idx].shape, generator=g))
+        latents = posterior.mean[idx] + posterior.std[idx] * torch.randn(
+            posterior.mean[idx].shape, generator=g
+        )
         latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
@@ -166,18 +172,26 @@ def run_one(args, index: int, method: str | None) -> dict:
     t0 = time.time()
     result = {"subject": subj["name"], "index": index, "method": method or "base"}
     if method is not None:
-        result.update(train(pipe, noise_scheduler, method, [im for im, _ in views], subj["instance_prompt"], args))
+        result.update(
+            train(pipe, noise_scheduler, method, [im for im, _ in views], subj["instance_prompt"], args)
+        )
     result["train_seconds"] = round(time.time() - t0, 1)
     prompts = eval_prompts(subj, train_backgrounds, args.samples)
     if method is None:  # can the base compose the subject from its description?
-        prompts["description"] = [make_caption(subj["shape"], *subj["colours"][:1], None, None, subj["pattern"], subj["colours"][1])] * args.samples
+        prompts["description"] = [
+            make_caption(subj["shape"], *subj["colours"][:1], None, None, subj["pattern"], subj["colours"][1])
+        ] * args.samples
     samples = {}
     for name, plist in prompts.items():
         images = generate(pipe, plist, [args.seed * 1000 + i for i in range(len(plist))], args)
         result[name] = judge(images, subj)
         samples[name] = images
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cache.with_suffix(".npz"), **{k: np.stack(v) for k, v in samples.items()}, views=np.stack([im for im, _ in views]))
+    np.savez_compressed(
+        cache.with_suffix(".npz"),
+        **{k: np.stack(v) for k, v in samples.items()},
+        views=np.stack([im for im, _ in views]),
+    )
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -192,7 +206,11 @@ def sample_grid(args, rows: list[tuple[str, Path]], path: Path, per_row: int = 4
     grid = Image.new("RGB", (label + columns * cell, len(loaded) * cell), "white")
     draw = ImageDraw.Draw(grid)
     for r, (name, data) in enumerate(loaded):
-        images = [*data["views"][:2], *data["instance prompt"][:per_row], *data["unseen backgrounds"][:per_row]]
+        images = [
+            *data["views"][:2],
+            *data["instance prompt"][:per_row],
+            *data["unseen backgrounds"][:per_row],
+        ]
         for c, im in enumerate(images):
             grid.paste(Image.fromarray(im), (label + c * cell, r * cell))
         draw.text((4, r * cell + 26), name, fill="black")
@@ -214,34 +232,65 @@ def main(argv=None) -> dict:
         )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    headers = ["subject", "run", "loss first→last", "subject rate: instance prompt", "unseen backgrounds",
-               "shape kept", "base, description prompt"]
+    headers = [
+        "subject",
+        "run",
+        "loss first→last",
+        "subject rate: instance prompt",
+        "unseen backgrounds",
+        "shape kept",
+        "base, description prompt",
+    ]
     rows = []
     for r in results:
         losses = f"{r['loss_first']:.3f} → {r['loss_last']:.3f}" if "loss_first" in r else ""
-        rows.append([
-            r["subject"], r["method"], losses,
-            f"{r['instance prompt']['subject_rate']:.2f}",
-            f"{r['unseen backgrounds']['subject_rate']:.2f}",
-            f"{(r['instance prompt']['shape_rate'] + r['unseen backgrounds']['shape_rate']) / 2:.2f}",
-            f"{r['description']['subject_rate']:.2f}" if "description" in r else "",
-        ])
+        rows.append(
+            [
+                r["subject"],
+                r["method"],
+                losses,
+                f"{r['instance prompt']['subject_rate']:.2f}",
+                f"{r['unseen backgrounds']['subject_rate']:.2f}",
+                f"{(r['instance prompt']['shape_rate'] + r['unseen backgrounds']['shape_rate']) / 2:.2f}",
+                f"{r['description']['subject_rate']:.2f}" if "description" in r else "",
+            ]
+        )
     summary = {}
     for method in ["base", *args.methods]:
         sel = [r for r in results if r["method"] == method]
         summary[method] = {
-            k: float(np.mean([r[k]["subject_rate"] for r in sel])) for k in ("instance prompt", "unseen backgrounds")
+            k: float(np.mean([r[k]["subject_rate"] for r in sel]))
+            for k in ("instance prompt", "unseen backgrounds")
         }
-    body = markdown_table(headers, rows) + "\n\nMeans over subjects (subject rate):\n\n" + markdown_table(
-        ["run", "instance prompt", "unseen backgrounds"],
-        [[m, f"{v['instance prompt']:.2f}", f"{v['unseen backgrounds']:.2f}"] for m, v in summary.items()],
+    body = (
+        markdown_table(headers, rows)
+        + "\n\nMeans over subjects (subject rate):\n\n"
+        + markdown_table(
+            ["run", "instance prompt", "unseen backgrounds"],
+            [
+                [m, f"{v['instance prompt']:.2f}", f"{v['unseen backgrounds']:.2f}"]
+                for m, v in summary.items()
+            ],
+        )
     )
     env = environment("cpu", args.threads)
-    settings = {k: getattr(args, k) for k in ("steps", "batch_size", "views", "samples", "guidance_scale", "inference_steps", "seed")}
-    write_json(out / f"{args.name}.json", {"settings": settings, "methods": METHODS, "environment": env, "runs": results, "summary": summary})
+    settings = {
+        k: getattr(args, k)
+        for k in ("steps", "batch_size", "views", "samples", "guidance_scale", "inference_steps", "seed")
+    }
+    write_json(
+        out / f"{args.name}.json",
+        {"settings": settings, "methods": METHODS, "environment": env, "runs": results, "summary": summary},
+    )
     command = "python benchmarks/yardstick.py" + (" --quick" if args.quick else "")
     write_markdown(out / f"{args.name}.md", "DreamBooth yardstick on the toy base", env, body, command)
-    grid_rows = [(f"{r['subject']}\n{r['method']}", Path(args.work_dir) / f"{r['index']}-{r['method']}-{args.steps}-{args.seed}.npz") for r in results]
+    grid_rows = [
+        (
+            f"{r['subject']}\n{r['method']}",
+            Path(args.work_dir) / f"{r['index']}-{r['method']}-{args.steps}-{args.seed}.npz",
+        )
+        for r in results
+    ]
     sample_grid(args, grid_rows, out / f"{args.name}_samples.png")
     print(body)
     return {"runs": results, "summary": summary}

@@ -101,6 +101,9 @@ def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
     prompts = {
         "instance_prompt": "a sks circle",
         "class_prompt": "a circle",
+        "shape": "circle",
+        "pattern": "hstripes",
+        "colours": ["yellow", "black"],
         "validation_prompts": ["a sks circle", "a sks circle on a blue background"],
     }
     (path / "prompts.json").write_text(json.dumps(prompts))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, speed
+from benchmarks import quality, speed, yardstick
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline, make_subject
 
@@ -88,3 +88,24 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     mtime = (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime
     quality.main([*argv, "--no-plot"])
     assert (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime == mtime
+
+
+def test_yardstick_trains_full_and_lora_judges_and_resumes(tmp_path):
+    base = build_tiny_pipeline(tmp_path / "tiny-sd")
+    argv = [
+        "--base", str(base), "--subjects", "1", "--steps", "2", "--batch_size", "2", "--views", "2",
+        "--samples", "1", "--inference_steps", "2", "--work_dir", str(tmp_path / "runs"),
+        "--out_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    payload = yardstick.main(argv)
+    assert [r["method"] for r in payload["runs"]] == ["base", "full", "lora"]
+    for run in payload["runs"]:
+        for prompt in ("instance prompt", "unseen backgrounds"):
+            assert 0.0 <= run[prompt]["subject_rate"] <= 1.0 and 0.0 <= run[prompt]["shape_rate"] <= 1.0
+    assert "description" in payload["runs"][0] and payload["runs"][1]["loss_last"] > 0
+    assert "subject rate" in (tmp_path / "out" / "yardstick.md").read_text()
+    assert (tmp_path / "out" / "yardstick_samples.png").stat().st_size > 0
+    # A second call reuses the finished runs instead of training again.
+    cached = tmp_path / "runs" / "0-lora-2-0.json"
+    mtime = cached.stat().st_mtime
+    assert yardstick.main(argv)["summary"] == payload["summary"] and cached.stat().st_mtime == mtime
