@@ -1,30 +1,41 @@
 #!/usr/bin/env python
-"""Pretrain the toy Stable Diffusion-style base pipeline shipped in ``assets/toy-sd``, on the CPU.
+"""Pretrain the toy Stable Diffusion-style base pipeline shipped in ``assets/toy-sd``.
 
-The data is the procedural shapes data set of :mod:`plugin.toy.data` ("a red circle on a blue
-background", 64x64). The recipe has five stages, each skipped when its output already exists in
-``--work_dir``, and the training stages checkpoint themselves (safetensors only), so killing and
-re-running the same command resumes where it stopped:
+The data is the procedural world of :mod:`plugin.toy.data`: one or two objects (four shapes, plain
+or one of seven two-colour patterns, eight colours, sizes, positions) on a plain background, 64x64,
+captioned "a red and white checked square and a blue circle on a green background". Combinations
+in ``plugin.toy.data.HELDOUT`` never appear: they are the DreamBooth yardstick's subjects. The
+recipe has five stages, each skipped when its output already exists in ``--work_dir``, and the
+training stages checkpoint themselves (safetensors only), so killing and re-running the same
+command resumes where it stopped:
 
 1. tokenizer  a CLIP BPE tokenizer over a small word vocabulary (every caption word is one token;
               any other lowercase word still tokenizes, letter by letter), plus CLIP's byte alphabet.
-2. vae        an ``AutoencoderKL`` 64x64x3 -> 16x16x4, trained on L1 + MSE + a small KL, mostly
-              on 32x32 crops (it is fully convolutional), then on whole images; its
-              ``scaling_factor`` is set to 1 / std of the latents.
-3. decoder    the decoder alone fine-tuned on whole images, half of them multi-object scenes
-              (the encoder, so the latent space, is unchanged).
-4. latents    a fixed set of examples encoded once (posterior mean and std are cached).
-5. unet       a ``UNet2DConditionModel`` with Stable Diffusion's block types and a small
-              ``CLIPTextModel`` trained jointly: epsilon prediction, min-SNR-5 loss weights,
-              10% of captions dropped to "" (so classifier-free guidance works), EMA weights.
+2. vae        an ``AutoencoderKL`` 64x64x3 -> 16x16x4 (channels 32/64/64, 0.95M parameters),
+              trained on L1 + MSE + a small KL, mostly on 32x32 crops (it is fully convolutional),
+              then on whole images; its ``scaling_factor`` is set to 1 / std of the latents.
+3. decoder    the decoder alone fine-tuned on whole images, half of them with two objects (the
+              encoder, so the latent space, is unchanged).
+4. latents    a fixed set of examples encoded once (posterior mean and std, and the scenes as JSON
+              so that every step captions them afresh: size words, colours and background are
+              randomly left out, so partial prompts are in distribution).
+5. unet       a ``UNet2DConditionModel`` with Stable Diffusion's block types (channels 64/128/128,
+              5.9M parameters) and a ``CLIPTextModel`` (4 layers, width 128, 0.9M) trained jointly
+              under accelerate: epsilon prediction, min-SNR-5 loss weights (diffusers'
+              ``compute_snr``), 10% of captions dropped to "" (so classifier-free guidance works),
+              EMA weights (diffusers' ``EMAModel``). ``--mixed_precision bf16`` on a GPU.
 
 The pipeline (EMA weights, a DPM-Solver++ scheduler with the training betas, no safety checker)
 is then written with ``save_pretrained(..., safe_serialization=True)``, and the fine-tuning
 subject (``plugin.toy.data.write_subject``) to ``--subject_dir``. To train longer, re-run
-with a larger ``--unet_steps``: it resumes from the last checkpoint.
+with a larger ``--unet_steps``; to ship a checkpoint early, re-run with ``--unet_steps`` at (or
+below) its step: both resume from the last checkpoint.
 
     HF_HUB_OFFLINE=1 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296 \\
         python train_scripts/pretrain_toy_base.py --output_dir assets/toy-sd --work_dir runs/toy-base
+
+On one GPU: ``accelerate launch train_scripts/pretrain_toy_base.py --mixed_precision bf16 ...``
+(the VAE stages move to the GPU as well).
 
 (The ``GLIBC_TUNABLES`` setting is optional; it keeps glibc from returning and re-faulting the
 activation memory on every step, which made CPU steps several times slower on our VM. On a machine
@@ -279,6 +290,11 @@ def noise_scheduler_config() -> dict:
     }
 
 
+def device_for(args) -> str:
+    """The GPU when there is one (and ``--cpu`` is not given), else the CPU."""
+    return "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+
+
 def lr_at(step: int, base: float, warmup: int, total: int | None = None, final_frac: float = 0.1) -> float:
     """Linear warm-up, then constant (``total=None``) or cosine decay to ``final_frac * base``."""
     if step < warmup:
@@ -316,30 +332,31 @@ def train_vae(args, work: Path):
         print(f"[vae] found {final}, skipping")
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**vae_config())
+    device = device_for(args)
+    vae = AutoencoderKL(**vae_config()).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     ckpt = work / "vae_checkpoint.safetensors"
     start = 0
     if ckpt.exists():
         start, _ = load_checkpoint(ckpt, {"vae": vae}, opt)
         print(f"[vae] resumed at step {start}")
-    pool = to_model_range(make_images(args.vae_pool, args.seed + 1, "[vae] images")[0])
+    pool = to_model_range(make_images(args.vae_pool, args.seed + 1, "[vae] images")[0]).to(device)
     crop_until = int(0.75 * args.vae_steps)  # crops first (4x cheaper), whole images at the end
     vae.train()
     bar = tqdm(range(start, args.vae_steps), desc="[vae] train", initial=start, total=args.vae_steps)
     for step in bar:
         rng, g = step_rng(args.seed, 1, step)
         if step < crop_until:
-            idx = torch.from_numpy(rng.integers(len(pool), size=args.vae_batch_size))
+            idx = torch.from_numpy(rng.integers(len(pool), size=args.vae_batch_size)).to(device)
             oy, ox = rng.integers(0, 33, size=2)
             x = pool[idx, :, oy : oy + 32, ox : ox + 32]
         else:
-            idx = torch.from_numpy(rng.integers(len(pool), size=args.vae_batch_size // 2))
+            idx = torch.from_numpy(rng.integers(len(pool), size=args.vae_batch_size // 2)).to(device)
             x = pool[idx]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.vae_lr, 100, args.vae_steps)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         kl = posterior.kl().mean()
@@ -398,12 +415,12 @@ def finetune_decoder(args, work: Path, vae):
         rng, g = step_rng(args.seed, 3, step)
         n = args.vae_batch_size // 2
         images = [make_example(rng, p_two_objects=0.5).image for _ in range(n)]
-        x = to_model_range(np.stack(images))
+        x = to_model_range(np.stack(images)).to(vae.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.decoder_lr, 50, args.decoder_steps)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(vae.device)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
@@ -435,9 +452,9 @@ def cache_latents(args, work: Path, vae) -> tuple[dict, list]:
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), 256), desc="[latents] encode"):
-            post = vae.encode(to_model_range(images[i : i + 256])).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
+            post = vae.encode(to_model_range(images[i : i + 256]).to(vae.device)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
     cache = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
     scenes = [{"objects": [asdict(o) for o in r.objects], "background": r.background} for r in records]
     scenes_path.write_text(json.dumps(scenes) + "\n")
@@ -561,7 +578,7 @@ def main(argv=None):
     t0 = time.time()
 
     tokenizer = build_tokenizer(work / "tokenizer")
-    vae = train_vae(args, work).eval()
+    vae = train_vae(args, work).to(device_for(args)).eval()
     vae.requires_grad_(False)
     vae = finetune_decoder(args, work, vae)
     cache, scenes = cache_latents(args, work, vae)
@@ -570,7 +587,7 @@ def main(argv=None):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae,
+        vae=vae.to("cpu"),
         text_encoder=text_encoder,
         tokenizer=build_tokenizer(work / "tokenizer"),  # a fresh one: no padding state gets saved
         unet=unet,
