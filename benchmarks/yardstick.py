@@ -44,13 +44,20 @@ from common import environment, markdown_table, write_json, write_markdown  # no
 from plugin.toy.analyser import analyse_subject  # noqa: E402
 from plugin.toy.data import COLOURS, make_caption, make_subject_images, subject  # noqa: E402
 
-METHODS = {"full": {"lr": 5e-5}, "lora": {"lr": 1e-3, "rank": 8}}
+METHODS = {"full": {"lr": 2e-4}, "lora": {"lr": 3e-3, "rank": 8}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=str(REPO_ROOT / "assets" / "toy-sd"))
     p.add_argument("--subjects", type=int, default=4, help="the first N held-out combinations")
+    p.add_argument(
+        "--indices",
+        type=int,
+        nargs="+",
+        default=None,
+        help="only these subjects (to split runs across processes)",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=4)
@@ -222,7 +229,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
-    jobs = [(i, m) for i in range(args.subjects) for m in [None, *args.methods]]
+    jobs = [(i, m) for i in (args.indices or range(args.subjects)) for m in [None, *args.methods]]
     for index, method in tqdm(jobs, desc="yardstick"):
         results.append(run_one(args, index, method))
         r = results[-1]
