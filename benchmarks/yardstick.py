@@ -70,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work_dir", default=str(REPO_ROOT / "runs" / "yardstick"))
     p.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="yardstick")
+    p.add_argument(
+        "--captions",
+        default="instance",
+        choices=["instance", "background"],
+        help="train every view with the instance prompt (diffusers' DreamBooth), or with a caption that "
+        "also names its background ('a sks circle on a white background')",
+    )
     p.add_argument("--quick", action="store_true", help="2 subjects, 150 steps, 4 samples")
     args = p.parse_args(argv)
     if args.quick:
@@ -118,7 +125,7 @@ def judge(images: list[np.ndarray], subj: dict) -> dict:
     }
 
 
-def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], prompt: str, args) -> dict:
+def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], captions: list[str], args) -> dict:
     """Fine-tune ``pipe.unet`` in place on the subject's views; returns the loss curve's ends."""
     import plugin
     from plugin import AdapterConfig
@@ -137,7 +144,7 @@ def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], prompt: 
         pixels = torch.stack([to_tensor(im) for im in images])
         posterior = vae.encode(pixels).latent_dist
         ids = tokenizer(
-            [prompt], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+            captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         )
         cond = text_encoder(ids.input_ids)[0]
     g = torch.Generator().manual_seed(args.seed)
@@ -154,7 +161,7 @@ def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], prompt: 
         noisy = noise_scheduler.add_noise(latents, noise, t)
         for group in optimizer.param_groups:
             group["lr"] = METHODS[method]["lr"] * min(1.0, (step + 1) / 20)
-        pred = unet(noisy, t, cond.expand(args.batch_size, -1, -1)).sample
+        pred = unet(noisy, t, cond[idx]).sample
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,7 +176,7 @@ def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], prompt: 
 def run_one(args, index: int, method: str | None) -> dict:
     """Train (``method``) or not (``None``: the base) and judge; cached as JSON + images."""
     subj = subject(index)
-    key = f"{index}-{method or 'base'}-{args.steps}-{args.seed}"
+    key = run_key(args, index, method or "base")
     cache = Path(args.work_dir) / f"{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -180,7 +187,14 @@ def run_one(args, index: int, method: str | None) -> dict:
     result = {"subject": subj["name"], "index": index, "method": method or "base"}
     if method is not None:
         result.update(
-            train(pipe, noise_scheduler, method, [im for im, _ in views], subj["instance_prompt"], args)
+            train(
+                pipe,
+                noise_scheduler,
+                method,
+                [im for im, _ in views],
+                training_captions(args, subj, views),
+                args,
+            )
         )
     result["train_seconds"] = round(time.time() - t0, 1)
     prompts = eval_prompts(subj, train_backgrounds, args.samples)
@@ -201,6 +215,17 @@ def run_one(args, index: int, method: str | None) -> dict:
     )
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def training_captions(args, subj: dict, views) -> list[str]:
+    if args.captions == "background":
+        return [make_caption(subj["shape"], subj["token"], info["background"]) for _, info in views]
+    return [subj["instance_prompt"]] * len(views)
+
+
+def run_key(args, index: int, method: str) -> str:
+    captions = "" if args.captions == "instance" or method == "base" else f"-{args.captions}"
+    return f"{index}-{method}-{args.steps}-{args.seed}{captions}"
 
 
 def sample_grid(args, rows: list[tuple[str, Path]], path: Path, per_row: int = 4) -> Path:
@@ -290,11 +315,12 @@ def main(argv=None) -> dict:
         {"settings": settings, "methods": METHODS, "environment": env, "runs": results, "summary": summary},
     )
     command = "python benchmarks/yardstick.py" + (" --quick" if args.quick else "")
+    command += "" if args.captions == "instance" else f" --captions {args.captions} --name {args.name}"
     write_markdown(out / f"{args.name}.md", "DreamBooth yardstick on the toy base", env, body, command)
     grid_rows = [
         (
             f"{r['subject']}\n{r['method']}",
-            Path(args.work_dir) / f"{r['index']}-{r['method']}-{args.steps}-{args.seed}.npz",
+            Path(args.work_dir) / f"{run_key(args, r['index'], r['method'])}.npz",
         )
         for r in results
     ]
