@@ -144,7 +144,11 @@ def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], captions
         pixels = torch.stack([to_tensor(im) for im in images])
         posterior = vae.encode(pixels).latent_dist
         ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         cond = text_encoder(ids.input_ids)[0]
     g = torch.Generator().manual_seed(args.seed)

@@ -109,3 +109,8 @@ def test_yardstick_trains_full_and_lora_judges_and_resumes(tmp_path):
     cached = tmp_path / "runs" / "0-lora-2-0.json"
     mtime = cached.stat().st_mtime
     assert yardstick.main(argv)["summary"] == payload["summary"] and cached.stat().st_mtime == mtime
+    # Captions that name each view's background train other runs, under their own keys.
+    captioned = yardstick.main([*argv, "--captions", "background", "--name", "captioned"])
+    assert (tmp_path / "runs" / "0-lora-2-0-background.json").exists()
+    assert captioned["runs"][0] == payload["runs"][0]  # the base is judged once
+    assert (tmp_path / "out" / "captioned.md").exists()
