@@ -122,6 +122,7 @@ def judge(images: list[np.ndarray], subj: dict) -> dict:
     return {
         "subject_rate": float(np.mean([f["is_subject"] for f in found])),
         "shape_rate": float(np.mean([f["shape_ok"] for f in found])),
+        "pattern_rate": float(np.mean([f["pattern_ok"] for f in found])),
     }
 
 
@@ -183,7 +184,14 @@ def run_one(args, index: int, method: str | None) -> dict:
     key = run_key(args, index, method or "base")
     cache = Path(args.work_dir) / f"{key}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        result = json.loads(cache.read_text())
+        if "pattern_rate" not in result["instance prompt"]:  # judged by an older version: judge again
+            samples = np.load(cache.with_suffix(".npz"))
+            result.update(
+                {name: judge(list(samples[name]), subj) for name in samples.files if name != "views"}
+            )
+            cache.write_text(json.dumps(result, indent=1) + "\n")
+        return result
     pipe, noise_scheduler = load_pipe(args.base)
     views = make_subject_images(args.views, seed=1234 + index, subject_=subj)
     train_backgrounds = [info["background"] for _, info in views]
@@ -275,6 +283,8 @@ def main(argv=None) -> dict:
         "subject rate: instance prompt",
         "unseen backgrounds",
         "shape kept",
+        "pattern kept: instance prompt",
+        "unseen backgrounds ",
         "base, description prompt",
     ]
     rows = []
@@ -288,6 +298,8 @@ def main(argv=None) -> dict:
                 f"{r['instance prompt']['subject_rate']:.2f}",
                 f"{r['unseen backgrounds']['subject_rate']:.2f}",
                 f"{(r['instance prompt']['shape_rate'] + r['unseen backgrounds']['shape_rate']) / 2:.2f}",
+                f"{r['instance prompt']['pattern_rate']:.2f}",
+                f"{r['unseen backgrounds']['pattern_rate']:.2f}",
                 f"{r['description']['subject_rate']:.2f}" if "description" in r else "",
             ]
         )
