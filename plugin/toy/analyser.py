@@ -129,12 +129,6 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == i for i in ids[np.argsort(-counts)]]
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a boolean mask (all False if the mask is empty)."""
-    parts = components(mask)
-    return parts[0] if parts else np.zeros_like(mask, dtype=bool)
-
-
 def _erode(mask: np.ndarray) -> np.ndarray:
     m = mask.copy()
     m[1:] &= mask[:-1]
