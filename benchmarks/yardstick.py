@@ -184,14 +184,7 @@ def run_one(args, index: int, method: str | None) -> dict:
     key = run_key(args, index, method or "base")
     cache = Path(args.work_dir) / f"{key}.json"
     if cache.exists():
-        result = json.loads(cache.read_text())
-        if "pattern_rate" not in result["instance prompt"]:  # judged by an older version: judge again
-            samples = np.load(cache.with_suffix(".npz"))
-            result.update(
-                {name: judge(list(samples[name]), subj) for name in samples.files if name != "views"}
-            )
-            cache.write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        return json.loads(cache.read_text())
     pipe, noise_scheduler = load_pipe(args.base)
     views = make_subject_images(args.views, seed=1234 + index, subject_=subj)
     train_backgrounds = [info["background"] for _, info in views]

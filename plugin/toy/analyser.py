@@ -186,6 +186,13 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return np.roll(np.roll(a, dy, axis=0), dx, axis=1)
 
 
+def _second_colour_template(pattern: str, shape: str, mask: np.ndarray) -> np.ndarray:
+    """Where ``pattern`` on ``shape``, drawn in ``mask``'s bounding box, shows its second colour."""
+    centre, w, aspect = _template_frame(mask)
+    cover, share = pattern_template(pattern, shape, centre, w, mask.shape[0], aspect)
+    return share > 0.5 * np.maximum(cover, 1e-6)
+
+
 def pattern_scores(second: np.ndarray, region: np.ndarray, shape: str, mask: np.ndarray) -> dict[str, float]:
     """Agreement of a two-colour map with each two-colour pattern of :data:`PATTERNS`.
 
@@ -193,14 +200,11 @@ def pattern_scores(second: np.ndarray, region: np.ndarray, shape: str, mask: np.
     compare on. Each pattern's template is drawn in ``mask``'s bounding box, shifted by up to two
     pixels and with either colour first; the best agreement counts.
     """
-    centre, w, aspect = _template_frame(mask)
-    size = mask.shape[0]
     scores = {}
     for pattern in PATTERNS:
         if pattern == "plain":
             continue
-        cover, share = pattern_template(pattern, shape, centre, w, size, aspect)
-        tmpl = share > 0.5 * np.maximum(cover, 1e-6)
+        tmpl = _second_colour_template(pattern, shape, mask)
         best = 0.0
         for dy in _SHIFTS:
             for dx in _SHIFTS:
@@ -269,10 +273,7 @@ def _analyse_object(img: np.ndarray, mask: np.ndarray, background: str) -> Objec
         pattern = max(p_scores, key=p_scores.get)
         # name the colours in the pattern's order: the first is the one under the template's
         # first-colour cells (dots' body, the outer ring, the left half, the first stripe)
-        centre, w, aspect = _template_frame(filled)
-        cover, share = pattern_template(pattern, shape, centre, w, img.shape[0], aspect)
-        tmpl = share > 0.5 * np.maximum(cover, 1e-6)
-        if float((tmpl == second)[region].mean()) < 0.5:
+        if float((_second_colour_template(pattern, shape, filled) == second)[region].mean()) < 0.5:
             colours.reverse()
     return ObjectAnalysis(
         shape=shape,

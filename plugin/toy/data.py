@@ -281,15 +281,24 @@ def render(
 # captions
 
 
+def _phrase(*words: str | None) -> str:
+    """``"a"``/``"an"`` and the non-empty ``words``: ``_phrase(None, "orange", "", "square")``."""
+    kept = [w for w in words if w]
+    return f"{_article(kept[0])} {' '.join(kept)}"
+
+
+def _on_background(background: str | None) -> str:
+    return f" on {_article(background)} {background} background" if background else ""
+
+
 def object_phrase(obj: Object, colours: bool = True, size: bool = False) -> str:
     """``"a [size] [red and white] [striped] circle"``."""
-    words = [obj.size] if size else []
-    if colours:
-        words.append(" and ".join(obj.colours))
-    if PATTERNS[obj.pattern]:
-        words.append(PATTERNS[obj.pattern])
-    words.append(obj.shape)
-    return f"{_article(words[0])} {' '.join(words)}"
+    return _phrase(
+        obj.size if size else None,
+        " and ".join(obj.colours) if colours else None,
+        PATTERNS[obj.pattern],
+        obj.shape,
+    )
 
 
 def make_caption(
@@ -302,22 +311,14 @@ def make_caption(
 ) -> str:
     """``"a [size] [colour [and colour]] [pattern] shape [on a background background]"``; ``None``
     parts are left out."""
-    pattern_words = PATTERNS[pattern]
     colour_words = " and ".join(c for c in (colour, second_colour) if c)
-    words = [w for w in (size, colour_words, pattern_words, shape) if w]
-    caption = f"{_article(words[0])} {' '.join(words)}"
-    if background:
-        caption += f" on {_article(background)} {background} background"
-    return caption
+    return _phrase(size, colour_words, PATTERNS[pattern], shape) + _on_background(background)
 
 
 def scene_caption(objects, background: str | None, colours: bool = True, sizes: bool = False) -> str:
     """Objects named left to right, joined by "and", then the background."""
     ordered = sorted(objects, key=lambda o: o.centre[0])
-    caption = " and ".join(object_phrase(o, colours, sizes) for o in ordered)
-    if background:
-        caption += f" on {_article(background)} {background} background"
-    return caption
+    return " and ".join(object_phrase(o, colours, sizes) for o in ordered) + _on_background(background)
 
 
 def random_caption(
