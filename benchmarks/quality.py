@@ -1,26 +1,33 @@
 #!/usr/bin/env python
-"""What an adapter gives: DreamBooth with lora, flora and liera at matched parameter budgets.
+"""DreamBooth quality on subjects the toy base never saw, judged on views training never saw.
 
-    python benchmarks/quality.py                   # toy base + shipped subject, 3 methods x 3 budgets x 3 seeds
-    python benchmarks/quality.py --methods liera --budgets small --seeds 0 --max-train-steps 20
+    python benchmarks/quality.py                    # 8 subjects x 3 methods x 3 seeds, the script's defaults
+    python benchmarks/quality.py --quick            # 3 subjects, 1 seed, 100 steps: a smoke run
+    python benchmarks/quality.py --shard 0/2 & python benchmarks/quality.py --shard 1/2; \\
+        python benchmarks/quality.py                # both cores, then the tables from the cached runs
+    python benchmarks/quality.py --recipes defaults lr3e-4="--learning_rate 3e-4" --name sweep
 
-Every run is `train_scripts/train_dreambooth_liera.py` itself (`main(parse_args([...]))`, the same code
-path as the command line) on the toy base (`assets/toy-sd`) and the shipped subject (`assets/subject`),
-without prior preservation. Then every adapter is judged on the same fixed numbers:
+Every run is `train_scripts/train_dreambooth_liera.py` itself (`main(parse_args([...]))`, the code path
+of the command line) on the toy base. The subjects (`SUBJECTS`) range from a combination the base
+knows to a shape it never saw; each gets four training views on four backgrounds and four held-out
+views at other places and sizes on backgrounds training never shows (`<subject>/heldout/`). A
+*recipe* is a set of the script's arguments (learning rate, steps, prior preservation, captions ...);
+the default recipe is the script's defaults. Each adapter is judged on fixed numbers:
 
-- subject fit: held-out denoising loss on the subject images with the instance prompt, at fixed
-  timesteps and noise draws that training never sees (`plugin.training.denoising_loss`), relative to
-  the base model's loss on the same numbers (lower is better);
-- prior drift: change of the denoising loss on rendered class images (circles of the toy world's
-  colours, captioned with the class prompt) from the base model's (closer to 0 is better);
-- prompt following: the toy analyser's accuracy (colour, shape and background all right) on images
-  generated for `--num-prompts` non-subject prompts, and its change from the base model's;
-- subject rate: share of images generated for the instance prompt that the analyser recognises as the
-  subject (a striped circle).
+- held-out fit: denoising loss on the held-out views, captioned with their background ("a sks circle
+  on an orange background"), divided by the base model's (lower is better); training fit likewise;
+- class drift: change of the denoising loss on rendered objects of the subject's class captioned with
+  the class prompt ("a circle"), in %;
+- prompt following: the toy analyser's accuracy (count, shape, colours, pattern, background) on
+  non-subject prompts, divided by the base model's;
+- subject rate: share of samples the analyser recognises as the subject (shape, pattern and colours),
+  for the instance prompt, on the training backgrounds and on unseen backgrounds; shape kept: share of
+  all those samples with the subject's shape; background kept: share of the unseen-background samples
+  whose background is the one asked for.
 
-Ranks are chosen so that the three methods have about the same number of trainable parameters at each
-budget (the tables give the exact counts). Runs are kept in `--work-dir` and reused when re-run.
-Results: `benchmarks/results/quality.{md,json}`, `quality_fit_vs_drift.png`, `quality_samples_<method>.png`.
+Ranks are matched per budget (the tables give the parameter counts). Runs and judgements are kept in
+`--work-dir` and reused, so an interrupted benchmark resumes. Results: `benchmarks/results/<name>.{md,json}`,
+`<name>_fit_vs_drift.png`, `<name>_samples.png`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import argparse
 import gc
 import importlib.util
 import json
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,46 +58,177 @@ from benchmarks.common import (
 )
 
 METHODS = ("lora", "flora", "liera")
-# budget -> method -> (rank, conv_rank). Matched on the toy base's UNet (attn+conv, 89 modules):
-# lora's rank sets the budget; flora and liera keep that rank on attention and spend the rest on
-# Tucker ranks [r, r, 2, 2] of the convolutions, r chosen for the closest count. Trainable parameters
-# (lora / flora / liera): small 47,744 / 47,205 / 46,981; medium 95,488 / 98,189 / 97,293;
-# large 190,976 / 188,157 / 193,570.
-BUDGETS: dict[str, dict[str, tuple[int, list[int] | None]]] = {
-    "small": {"lora": (2, None), "flora": (2, [7, 7, 2, 2]), "liera": (2, [7, 7, 2, 2])},
-    "medium": {"lora": (4, None), "flora": (4, [13, 13, 2, 2]), "liera": (4, [13, 13, 2, 2])},
-    "large": {"lora": (8, None), "flora": (8, [21, 21, 2, 2]), "liera": (8, [22, 22, 2, 2])},
+# budget -> method -> (rank, conv_rank). Matched on the toy base's UNet (attn+conv targets): lora's
+# rank sets the budget; flora and liera keep that rank on attention and spend the rest on Tucker ranks
+# [r, r, 2, 2] of the convolutions, r chosen for the closest count ("default": the script's own ranks).
+# Trainable parameters (lora / flora / liera): small 95,488 / 98,534 / 98,310; medium 190,976 /
+# 187,842 / 186,946; large 381,952 / 391,778 / 388,194.
+BUDGETS: dict[str, dict[str, tuple[int | None, list[int] | None]]] = {
+    "default": {"lora": (None, None), "flora": (None, None), "liera": (None, None)},
+    "small": {"lora": (2, None), "flora": (2, [8, 8, 2, 2]), "liera": (2, [8, 8, 2, 2])},
+    "medium": {"lora": (4, None), "flora": (4, [14, 14, 2, 2]), "liera": (4, [14, 14, 2, 2])},
+    "large": {"lora": (8, None), "flora": (8, [26, 26, 2, 2]), "liera": (8, [26, 26, 2, 2])},
 }
+# (difficulty, pattern, colours, shape): from a combination the base knows to a shape it never saw.
+SUBJECTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("known combination", "plain", ("red",), "square"),
+    ("known combination", "vstripes", ("blue", "white"), "triangle"),
+    ("new combination", "hstripes", ("yellow", "black"), "circle"),
+    ("new combination", "checks", ("red", "white"), "square"),
+    ("new combination", "dots", ("blue", "yellow"), "triangle"),
+    ("new combination", "halves", ("orange", "blue"), "diamond"),
+    ("new shape", "plain", ("orange",), "cross"),
+    ("new shape and pattern", "rings", ("green", "purple"), "cross"),
+)
+# Named recipes (the script's arguments), so a published sweep can be re-run by name.
+RECIPES: dict[str, str] = {"defaults": ""}
+VIEWS = 4  # training views per subject, and held-out views
+CLASS_IMAGES = 32  # generated by the base per class, for recipes with prior preservation
 COLORS = {"lora": "tab:gray", "flora": "tab:orange", "liera": "tab:blue"}
-MARKERS = {"small": "o", "medium": "s", "large": "D"}
-GRID_SUBJECT = 4  # images of the instance prompt (seeds 0, 1, ...) in the sample grids
-GRID_PROMPTS = 4  # non-subject prompts in the sample grids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default=str(REPO_ROOT / "assets" / "toy-sd"), help="Base pipeline folder.")
-    parser.add_argument("--subject", default=str(REPO_ROOT / "assets" / "subject"), help="Instance images.")
+    parser.add_argument(
+        "--subjects", nargs="+", type=int, default=None, help="Indices into SUBJECTS (default: all)."
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    parser.add_argument("--budgets", nargs="+", default=["large"], choices=list(BUDGETS))
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["defaults"],
+        help=f'Recipes: a name ({", ".join(RECIPES)}) or NAME="script arguments".',
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-train-steps", type=int, default=400)
+    parser.add_argument("--max-train-steps", type=int, default=None, help="Default: the recipe's/script's.")
     parser.add_argument("--train-batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=None, help="Default: the training script's.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads. Default: torch's default.")
     parser.add_argument("--eval-timesteps", type=int, default=10, help="Timesteps of the denoising losses.")
     parser.add_argument("--eval-noises", type=int, default=4, help="Noise draws per image and timestep.")
-    parser.add_argument("--class-images", type=int, default=16)
-    parser.add_argument("--num-prompts", type=int, default=32, help="Non-subject prompts to generate.")
-    parser.add_argument("--subject-samples", type=int, default=8, help="Images of the instance prompt.")
+    parser.add_argument("--class-images", type=int, default=8, help="Rendered class images for the drift.")
+    parser.add_argument("--num-prompts", type=int, default=16, help="Non-subject prompts to generate.")
+    parser.add_argument("--subject-samples", type=int, default=8, help="Samples per kind of subject prompt.")
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--work-dir", default=str(REPO_ROOT / "runs" / "quality"), help="Training runs.")
-    parser.add_argument("--retrain", action="store_true", help="Train again even where a run exists.")
+    parser.add_argument("--shard", default=None, help="I/N: only every N-th job from the I-th; no report.")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", default="quality", help="Stem of the results files.")
-    parser.add_argument("--no-plot", action="store_true", help="No plot and no sample grids.")
-    return parser.parse_args(argv)
+    parser.add_argument("--no-plot", action="store_true", help="No plot and no sample grid.")
+    parser.add_argument("--quick", action="store_true", help="3 subjects, 1 seed, 100 steps, fewer samples.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.subjects = args.subjects or [1, 3, 6]
+        args.seeds, args.max_train_steps = args.seeds[:1], args.max_train_steps or 100
+        args.subject_samples, args.num_prompts = min(args.subject_samples, 4), min(args.num_prompts, 8)
+    args.subjects = list(range(len(SUBJECTS))) if args.subjects is None else args.subjects
+    for index in args.subjects:
+        if not 0 <= index < len(SUBJECTS):
+            parser.error(f"--subjects: {index} is not an index of SUBJECTS (0-{len(SUBJECTS) - 1})")
+    args.recipe_args = {}
+    for recipe in args.recipes:
+        name, _, script_args = recipe.partition("=")
+        if not _ and name not in RECIPES:
+            parser.error(
+                f"--recipes: unknown recipe {name!r}; name one of {sorted(RECIPES)} or give NAME=ARGS"
+            )
+        args.recipe_args[name] = shlex.split(script_args if _ else RECIPES[name])
+    args.recipes = list(args.recipe_args)
+    if args.shard is not None:
+        try:
+            index, count = map(int, args.shard.split("/"))
+            assert 0 <= index < count
+        except (ValueError, AssertionError):
+            parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+        args.shard = (index, count)
+    return args
+
+
+# --- subjects ------------------------------------------------------------------------------------
+
+
+def subject_info(index: int) -> dict:
+    from plugin.toy.data import make_subject
+
+    difficulty, pattern, colours, shape = SUBJECTS[index]
+    info = make_subject(pattern, colours, shape)
+    return {**info, "difficulty": difficulty, "slug": info["name"].replace(" ", "-")}
+
+
+def subject_backgrounds(index: int) -> tuple[list[str], list[str]]:
+    """(training, unseen) backgrounds: four colours the subject doesn't use, and the others."""
+    import numpy as np
+
+    from plugin.toy.data import COLOURS
+
+    colours = SUBJECTS[index][2]
+    free = [c for c in COLOURS if c not in colours]
+    order = np.random.default_rng(100 + index).permutation(len(free))
+    free = [free[i] for i in order]
+    return free[:VIEWS], free[VIEWS:]
+
+
+def write_subject_folder(index: int, folder: Path) -> Path:
+    """Training views (0.png ...), held-out views (heldout/0.png ...) and prompts.json of a subject."""
+    from PIL import Image
+
+    from plugin.toy.data import make_caption, make_subject_images
+
+    info = subject_info(index)
+    if (folder / "prompts.json").is_file():
+        return folder
+    train_bgs, unseen_bgs = subject_backgrounds(index)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "heldout").mkdir(parents=True)
+    captions, heldout = {}, {}
+    views = make_subject_images(VIEWS, 1000 + index, info, tuple(train_bgs))
+    for i, (image, view) in enumerate(views):
+        Image.fromarray(image).save(partial / f"{i}.png")
+        captions[f"{i}.png"] = make_caption(info["shape"], info["token"], view["background"])
+    for i, (image, view) in enumerate(make_subject_images(VIEWS, 2000 + index, info, tuple(unseen_bgs))):
+        Image.fromarray(image).save(partial / "heldout" / f"{i}.png")
+        heldout[f"{i}.png"] = make_caption(info["shape"], info["token"], view["background"])
+    prompts = {
+        "subject": info["name"],
+        "difficulty": info["difficulty"],
+        "shape": info["shape"],
+        "pattern": info["pattern"],
+        "colours": list(info["colours"]),
+        "instance_prompt": info["instance_prompt"],
+        "class_prompt": info["class_prompt"],
+        "captions": captions,
+        "heldout": heldout,
+        "training_backgrounds": train_bgs,
+        "unseen_backgrounds": unseen_bgs,
+    }
+    (partial / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
+    try:
+        partial.rename(folder)
+    except OSError:  # another shard wrote it first: the same content
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def class_objects(shape: str, count: int, seed: int = 2024) -> list:
+    """Rendered objects of one shape (random patterns, colours, sizes, places, backgrounds)."""
+    import numpy as np
+    from PIL import Image
+
+    from plugin.toy.data import COLOURS, IMAGE_SIZE, Object, render_scene, sample_object
+
+    rng = np.random.default_rng(seed)
+    images = []
+    while len(images) < count:
+        background = COLOURS[rng.integers(len(COLOURS))]
+        _, pattern, colours, extent = sample_object(rng, {background}, allow_heldout=True)
+        margin = extent / 2 + 2
+        centre = tuple(float(rng.uniform(margin, IMAGE_SIZE - margin)) for _ in range(2))
+        objects = [Object(shape, pattern, colours, centre, extent)]
+        images.append(Image.fromarray(render_scene(objects, background, rng=rng)))
+    return images
 
 
 # --- training, through the training script ----------------------------------------------------
@@ -102,69 +242,47 @@ def training_script():
     return module
 
 
-def train(args: argparse.Namespace, script, method: str, budget: str, seed: int) -> tuple[Path, dict]:
-    """One DreamBooth run (or the one already in the work dir): its folder and metrics.json."""
+def run_folder(args: argparse.Namespace, job: tuple) -> Path:
+    recipe, method, budget, index, seed = job
+    return Path(args.work_dir, recipe, f"{method}-{budget}", subject_info(index)["slug"], f"seed{seed}")
+
+
+def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
+    """One DreamBooth run (or the one already in its folder): the script's metrics.json."""
+    recipe, method, budget, index, seed = job
+    output = run_folder(args, job)
+    if (output / "adapter.safetensors").is_file() and (output / "metrics.json").is_file():
+        return json.loads((output / "metrics.json").read_text())
+    if (output / "diverged.txt").is_file():
+        return {"diverged": (output / "diverged.txt").read_text()}
     rank, conv_rank = BUDGETS[budget][method]
-    output = Path(args.work_dir, f"{method}-{budget}-seed{seed}")
-    done = (output / "adapter.safetensors").is_file() and (output / "metrics.json").is_file()
-    if done and not args.retrain:
-        return output, json.loads((output / "metrics.json").read_text())
-    if (output / "diverged.txt").is_file() and not args.retrain:
-        return output, {"diverged": (output / "diverged.txt").read_text()}
+    subject_dir = write_subject_folder(index, Path(args.work_dir, "subjects", subject_info(index)["slug"]))
     argv = [
         "--pretrained_model_name_or_path", args.base,
-        "--instance_data_dir", args.subject,
+        "--instance_data_dir", str(subject_dir),
         "--output_dir", str(output),
         "--adapter", method,
-        "--rank", str(rank),
         "--seed", str(seed),
-        "--max_train_steps", str(args.max_train_steps),
         "--train_batch_size", str(args.train_batch_size),
         "--num_validation_images", "0",
-        "--checkpointing_steps", str(10 * args.max_train_steps),
+        "--checkpointing_steps", "1000000",
     ]  # fmt: skip
-    if conv_rank is not None:
-        argv += ["--conv_rank", *map(str, conv_rank)]
-    if args.learning_rate is not None:
-        argv += ["--learning_rate", str(args.learning_rate)]
+    argv += ["--rank", str(rank)] if rank is not None else []
+    argv += ["--conv_rank", *map(str, conv_rank)] if conv_rank is not None else []
+    argv += ["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []
+    recipe_args = args.recipe_args[recipe]
+    if "--with_prior_preservation" in recipe_args and "--class_data_dir" not in recipe_args:
+        shape = subject_info(index)["shape"]
+        argv += ["--class_data_dir", str(judge.class_folder(shape, Path(args.work_dir, "class", shape)))]
     try:
-        metrics = script.main(script.parse_args(argv))
+        return script.main(script.parse_args(argv + recipe_args))
     except SystemExit as stop:  # the script stops a diverged run with a message
-        metrics = {"diverged": str(stop)}
         output.mkdir(parents=True, exist_ok=True)
         (output / "diverged.txt").write_text(str(stop))
-    return output, metrics
+        return {"diverged": str(stop)}
 
 
 # --- evaluation, the same numbers for every adapter ---------------------------------------------
-
-
-def class_images(count: int, seed: int = 2024) -> list:
-    """Circles of the toy world (random patterns, colours, sizes, places, backgrounds): the subject's
-    class."""
-    import numpy as np
-    from PIL import Image
-
-    from plugin.toy.data import COLOURS, IMAGE_SIZE, Object, render_scene, sample_object
-
-    rng = np.random.default_rng(seed)
-    images = []
-    while len(images) < count:
-        background = COLOURS[rng.integers(len(COLOURS))]
-        shape, pattern, colours, extent = sample_object(rng, {background})
-        if shape != "circle":
-            continue
-        margin = extent / 2 + 2
-        centre = (
-            float(rng.uniform(margin, IMAGE_SIZE - margin)),
-            float(rng.uniform(margin, IMAGE_SIZE - margin)),
-        )
-        images.append(
-            Image.fromarray(
-                render_scene([Object(shape, pattern, colours, centre, extent)], background, rng=rng)
-            )
-        )
-    return images
 
 
 class Judge:
@@ -174,45 +292,53 @@ class Judge:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
         from plugin.toy.data import make_prompts
-        from plugin.training import list_images, load_rgb
 
         self.args = args
         self.pipe = StableDiffusionPipeline.from_pretrained(args.base)
         self.pipe.set_progress_bar_config(disable=True)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        prompts = json.loads(Path(args.subject, "prompts.json").read_text())
-        missing = {"shape", "pattern", "colours"} - set(prompts)
-        if missing:
-            raise SystemExit(
-                f"{Path(args.subject, 'prompts.json')}: the toy analyser needs the subject's {sorted(missing)}"
-            )
-        self.subject = prompts
-        self.instance_prompt = prompts["instance_prompt"]
-        self.class_prompt = prompts.get("class_prompt", "a circle")
-        self.subject_images = [load_rgb(path) for path in list_images(args.subject)]
-        self.class_images = class_images(args.class_images)
         self.prompts = make_prompts(args.num_prompts, seed=1)
 
-    def loss(self, images: list, prompt: str) -> float:
+    def class_folder(self, shape: str, folder: Path) -> Path:
+        """CLASS_IMAGES images the base generates for "a <shape>" (DreamBooth's class images), once."""
+        if folder.is_dir():
+            return folder
+        partial = folder.with_name(folder.name + f".partial-{time.time_ns()}")
+        partial.mkdir(parents=True)
+        images = self.generate([f"a {shape}"] * CLASS_IMAGES, list(range(10**6, 10**6 + CLASS_IMAGES)))
+        from PIL import Image
+
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(partial / f"{i:05d}.png")
+        try:
+            partial.rename(folder)
+        except OSError:  # another shard made them first (the same images)
+            shutil.rmtree(partial, ignore_errors=True)
+        return folder
+
+    def loss(self, images: list, prompts: list[str]) -> float:
+        """Mean denoising loss of images captioned one by one, on fixed timesteps and noise."""
         from plugin.training import denoising_loss
 
-        p = self.pipe
-        return denoising_loss(
-            p.unet,
-            p.vae,
-            p.text_encoder,
-            p.tokenizer,
-            self.noise_scheduler,
-            images,
-            prompt,
-            self.resolution,
-            num_timesteps=self.args.eval_timesteps,
-            noises_per_timestep=self.args.eval_noises,
-            seed=0,
-        )
+        p, total = self.pipe, 0.0
+        for image, prompt in zip(images, prompts):
+            total += denoising_loss(
+                p.unet,
+                p.vae,
+                p.text_encoder,
+                p.tokenizer,
+                self.noise_scheduler,
+                [image],
+                prompt,
+                self.resolution,
+                num_timesteps=self.args.eval_timesteps,
+                noises_per_timestep=self.args.eval_noises,
+                seed=0,
+            )
+        return total / len(images)
 
-    def generate(self, prompts: list[str], seeds: list[int]):
+    def generate(self, prompts: list[str], seeds: list[int]) -> list:
         import numpy as np
         import torch
 
@@ -228,68 +354,93 @@ class Judge:
             images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
         return images
 
-    def score(self, adapter: Path | None = None) -> tuple[dict, dict]:
-        """Metrics of the base (`adapter=None`) or of `adapter`, and the images for a sample grid."""
-        import plugin
-        from plugin.toy.analyser import analyse_subject, score_images
+    def subject_prompts(self, index: int) -> dict[str, list[str]]:
+        """The subject prompts judged: alone, on its training backgrounds, on unseen ones."""
+        from plugin.toy.data import make_caption
 
+        info, n = subject_info(index), self.args.subject_samples
+        train_bgs, unseen_bgs = subject_backgrounds(index)
+        return {
+            "instance": [info["instance_prompt"]] * n,
+            "training backgrounds": [
+                make_caption(info["shape"], info["token"], train_bgs[i % len(train_bgs)]) for i in range(n)
+            ],
+            "unseen backgrounds": [
+                make_caption(info["shape"], info["token"], unseen_bgs[i % len(unseen_bgs)]) for i in range(n)
+            ],
+        }
+
+    def score(self, index: int, adapter: Path | None = None) -> tuple[dict, dict]:
+        """Metrics of the base (`adapter=None`) or of `adapter` on subject `index`, and sample images."""
+        import plugin
+        from plugin.toy.analyser import analyse, analyse_subject, parse_prompt, score_images
+        from plugin.training import list_images, load_rgb
+
+        info = subject_info(index)
+        folder = write_subject_folder(index, Path(self.args.work_dir, "subjects", info["slug"]))
+        prompts = json.loads((folder / "prompts.json").read_text())
+        train_views = [load_rgb(path) for path in list_images(folder)]
+        heldout_views = [load_rgb(path) for path in list_images(folder / "heldout")]
         if adapter is not None:
-            plugin.load_adapter(adapter, {"unet": self.pipe.unet}, "judged")
+            plugin.load_adapter(
+                adapter, {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, "judged"
+            )
         try:
             texts = [p["prompt"] for p in self.prompts]
-            generated = self.generate(texts, [p["seed"] for p in self.prompts])
-            subject = self.generate(
-                [self.instance_prompt] * self.args.subject_samples, list(range(self.args.subject_samples))
-            )
-            accuracy = score_images(generated, texts)
+            accuracy = score_images(self.generate(texts, [p["seed"] for p in self.prompts]), texts)
+            samples, verdicts = {}, {}
+            for kind, kind_prompts in self.subject_prompts(index).items():
+                samples[kind] = self.generate(kind_prompts, list(range(len(kind_prompts))))
+                verdicts[kind] = [analyse_subject(image, info) for image in samples[kind]]
+            unseen = self.subject_prompts(index)["unseen backgrounds"]
+            every = [v for kind in verdicts.values() for v in kind]
             metrics = {
-                "subject_loss": self.loss(self.subject_images, self.instance_prompt),
-                "class_loss": self.loss(self.class_images, self.class_prompt),
+                "train_loss": self.loss(train_views, list(prompts["captions"].values())),
+                "heldout_loss": self.loss(heldout_views, list(prompts["heldout"].values())),
+                "class_loss": self.loss(class_objects(info["shape"], self.args.class_images), [info["class_prompt"]] * self.args.class_images),
                 "prompt_accuracy": accuracy["all"],
-                "colour_accuracy": accuracy["colour"],
-                "shape_accuracy": accuracy["shape"],
-                "background_accuracy": accuracy["background"],
-                "pattern_accuracy": accuracy["pattern"],
-                "subject_rate": sum(analyse_subject(im, self.subject)["is_subject"] for im in subject)
-                / len(subject),
-            }
-            grid = {"subject": subject[:GRID_SUBJECT], "prompts": generated[:GRID_PROMPTS]}
+                **{f"rate_{kind.split()[0]}": sum(v["is_subject"] for v in vs) / len(vs) for kind, vs in verdicts.items()},
+                "shape_kept": sum(v["shape_ok"] for v in every) / len(every),
+                "background_kept": sum(
+                    analyse(image).background == parse_prompt(prompt)["background"]
+                    for image, prompt in zip(samples["unseen backgrounds"], unseen)
+                ) / len(unseen),
+            }  # fmt: skip
         finally:
-            if adapter is not None:
-                plugin.delete_adapters(self.pipe.unet, "judged")
-        return metrics, grid
+            for model in (self.pipe.unet, self.pipe.text_encoder):
+                if "judged" in plugin.list_adapters(model):
+                    plugin.delete_adapters(model, "judged")
+        return metrics, {kind: images[:2] for kind, images in samples.items()}
 
 
 JUDGE_SETTINGS = (
-    "base", "subject", "eval_timesteps", "eval_noises", "class_images", "num_prompts", "subject_samples",
+    "base", "eval_timesteps", "eval_noises", "class_images", "num_prompts", "subject_samples",
     "inference_steps", "guidance_scale",
 )  # fmt: skip
 
 
-def judged(judge: Judge, folder: Path, adapter: Path | None) -> tuple[dict, dict]:
-    """`judge.score(adapter)`, kept in `folder` (judge.json, judge_grid.npz) and reused while the
-    adapter file and the judging settings are unchanged: a re-run after an interruption resumes."""
+def judged(judge: Judge, folder: Path, index: int, adapter: Path | None) -> tuple[dict, dict]:
+    """`judge.score(index, adapter)`, kept in `folder` (judge.json, judge_samples.npz) and reused while
+    the adapter file and the judging settings are unchanged: a re-run after an interruption resumes."""
     import numpy as np
 
     stat = adapter.stat() if adapter is not None else None
     key = {
         **{name: getattr(judge.args, name) for name in JUDGE_SETTINGS},
+        "subject": SUBJECTS[index],
         "adapter": None if stat is None else [stat.st_size, stat.st_mtime_ns],
     }
-    scores_file, grid_file = folder / "judge.json", folder / "judge_grid.npz"
-    if scores_file.is_file() and grid_file.is_file():
+    scores_file, samples_file = folder / "judge.json", folder / "judge_samples.npz"
+    if scores_file.is_file() and samples_file.is_file():
         saved = json.loads(scores_file.read_text())
-        if saved["key"] == key:
-            with np.load(grid_file) as arrays:
-                return saved["scores"], {
-                    "subject": list(arrays["subject"]),
-                    "prompts": list(arrays["prompts"]),
-                }
-    scores, grid = judge.score(adapter)
+        if saved["key"] == json.loads(json.dumps(key)):
+            with np.load(samples_file) as arrays:
+                return saved["scores"], {kind: list(arrays[kind]) for kind in arrays.files}
+    scores, samples = judge.score(index, adapter)
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(grid_file, subject=np.stack(grid["subject"]), prompts=np.stack(grid["prompts"]))
+    np.savez_compressed(samples_file, **{kind: np.stack(images) for kind, images in samples.items()})
     scores_file.write_text(json.dumps({"key": key, "scores": scores}, indent=1))
-    return scores, grid
+    return scores, samples
 
 
 def adapter_parameters(path: Path) -> int:
@@ -304,85 +455,124 @@ def adapter_parameters(path: Path) -> int:
         )
 
 
+def relative(scores: dict, base: dict) -> dict:
+    """A run's scores next to its subject's base model: the ratios and changes the tables report."""
+    return {
+        "heldout_fit": scores["heldout_loss"] / base["heldout_loss"],
+        "train_fit": scores["train_loss"] / base["train_loss"],
+        "class_drift": 100 * (scores["class_loss"] / base["class_loss"] - 1),
+        "prompt_following": scores["prompt_accuracy"] / max(base["prompt_accuracy"], 1e-9),
+    }
+
+
 # --- tables and plots ---------------------------------------------------------------------------
 
 REPORTED = (
     ("params", "params", "{:,.0f}"),
-    ("subject_fit", "subject loss ×base ↓", "{:.3f}"),
-    ("prior_drift", "prior drift (Δ class loss, %)", "{:+.2f}"),
-    ("prompt_accuracy", "prompt accuracy", "{:.3f}"),
-    ("prompt_accuracy_change", "Δ prompt accuracy", "{:+.3f}"),
-    ("subject_rate", "subject rate ↑", "{:.2f}"),
+    ("heldout_fit", "held-out fit ×base ↓", "{:.3f}"),
+    ("train_fit", "training fit ×base", "{:.3f}"),
+    ("class_drift", "class drift % ↓", "{:+.1f}"),
+    ("prompt_following", "prompt following ×base ↑", "{:.2f}"),
+    ("rate_instance", "subject: instance prompt ↑", "{:.2f}"),
+    ("rate_training", "training bgs ↑", "{:.2f}"),
+    ("rate_unseen", "unseen bgs ↑", "{:.2f}"),
+    ("shape_kept", "shape kept ↑", "{:.2f}"),
+    ("background_kept", "background kept ↑", "{:.2f}"),
 )
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    groups: dict[tuple[str, str], list[dict]] = {}
+def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Means over the runs of each group of `keys`; spreads: standard deviation over seeds of the
+    per-seed means (0 with one seed)."""
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["method"], run["budget"]), []).append(run)
+        groups.setdefault(tuple(run[k] for k in keys), []).append(run)
     rows = []
-    for budget in BUDGETS:
-        for method in METHODS:
-            group = groups.get((method, budget))
-            if not group:
-                continue
-            row = {"method": method, "budget": budget, "seeds": len(group)}
-            for key, _, _ in REPORTED:
-                values = [run[key] for run in group]
-                row[key] = sum(values) / len(values)
-                row[f"{key}_std"] = spread(values)
-            rows.append(row)
+    for group_key, group in groups.items():
+        row = {**dict(zip(keys, group_key)), "runs": len(group), "seeds": len({r["seed"] for r in group})}
+        for key, _, _ in REPORTED:
+            row[key] = sum(r[key] for r in group) / len(group)
+            by_seed: dict[int, list[float]] = {}
+            for r in group:
+                by_seed.setdefault(r["seed"], []).append(r[key])
+            row[f"{key}_std"] = spread([sum(v) / len(v) for v in by_seed.values()])
+        rows.append(row)
     return rows
 
 
-def table(rows: list[dict], base: dict) -> str:
-    headers = ["budget", "method", "seeds", *(title for _, title, _ in REPORTED)]
+def table(rows: list[dict], keys: tuple[str, ...]) -> str:
+    headers = [*keys, "runs", *(title for _, title, _ in REPORTED)]
     body = []
     for row in rows:
-        cells = [row["budget"], f"`{row['method']}`", str(row["seeds"])]
+        cells = [f"`{row[k]}`" if k in ("method", "recipe") else str(row[k]) for k in keys] + [
+            str(row["runs"])
+        ]
         for key, _, fmt in REPORTED:
             mean, std = fmt.format(row[key]), fmt.format(row[f"{key}_std"]).lstrip("+")
             cells.append(mean if key == "params" or row["seeds"] < 2 else f"{mean} ± {std}")
         body.append(cells)
-    base_line = (
-        f"Base model: subject loss {base['subject_loss']:.4f}, class loss {base['class_loss']:.4f}, "
-        f"prompt accuracy {base['prompt_accuracy']:.3f} (colour {base['colour_accuracy']:.3f}, shape "
-        f"{base['shape_accuracy']:.3f}, background {base['background_accuracy']:.3f}), subject rate "
-        f"{base['subject_rate']:.2f}."
-    )
-    return markdown_table(headers, body, "llr" + "r" * len(REPORTED)) + "\n\n" + base_line
+    return markdown_table(headers, body, "l" * len(keys) + "r" * (1 + len(REPORTED)))
+
+
+def base_table(bases: dict[int, dict]) -> str:
+    headers = ["subject", "difficulty", "held-out loss", "class loss", "prompt accuracy", "subject: instance",
+               "training bgs", "unseen bgs", "shape kept"]  # fmt: skip
+    body = []
+    for index, b in bases.items():
+        info = subject_info(index)
+        body.append(
+            [
+                info["name"],
+                info["difficulty"],
+                f"{b['heldout_loss']:.4f}",
+                f"{b['class_loss']:.4f}",
+                f"{b['prompt_accuracy']:.2f}",
+                f"{b['rate_instance']:.2f}",
+                f"{b['rate_training']:.2f}",
+                f"{b['rate_unseen']:.2f}",
+                f"{b['shape_kept']:.2f}",
+            ]  # fmt: skip
+        )
+    return markdown_table(headers, body, "ll" + "r" * 7)
 
 
 def plot_fit_vs_drift(runs: list[dict], rows: list[dict], path: Path) -> Path:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    markers = "osD^v<>pPX*h"
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     for run in runs:
+        marker = markers[recipes.index(run["recipe"]) % len(markers)]
         ax.scatter(
-            run["prior_drift"],
-            run["subject_fit"],
+            run["class_drift"],
+            run["heldout_fit"],
             color=COLORS[run["method"]],
-            marker=MARKERS[run["budget"]],
-            alpha=0.3,
-            s=25,
+            marker=marker,
+            alpha=0.2,
+            s=18,
         )
     for row in rows:
         ax.errorbar(
-            row["prior_drift"],
-            row["subject_fit"],
-            xerr=row["prior_drift_std"],
-            yerr=row["subject_fit_std"],
+            row["class_drift"],
+            row["heldout_fit"],
+            xerr=row["class_drift_std"],
+            yerr=row["heldout_fit_std"],
             color=COLORS[row["method"]],
-            marker=MARKERS[row["budget"]],
+            marker=markers[recipes.index(row["recipe"]) % len(markers)],
             markersize=9,
             markeredgecolor="black",
             capsize=3,
-            label=f"{row['method']} {row['budget']}",
+            linestyle="none",
+            label=f"{row['method']} {row['recipe']} {row['budget']}",
         )
+    ax.axhline(1, color="black", linewidth=0.8)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("prior drift: change of the class images' denoising loss (%)  → worse")
-    ax.set_ylabel("subject fit: held-out subject loss / base's  ↓ better")
-    ax.set_title("DreamBooth on the toy base: fit vs drift (means ± sd over seeds; faint: runs)", fontsize=10)
-    ax.legend(fontsize=7, ncol=3, loc="best")
+    ax.set_xlabel("class drift: change of the class images' denoising loss (%)  → worse")
+    ax.set_ylabel("held-out fit: loss on unseen views / base's  ↓ better")
+    ax.set_title(
+        "DreamBooth on unseen subjects: held-out fit vs drift (means over subjects; faint: runs)", fontsize=9
+    )
+    ax.legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -390,32 +580,24 @@ def plot_fit_vs_drift(runs: list[dict], rows: list[dict], path: Path) -> Path:
     return path
 
 
-def sample_grid(
-    method: str, rows: dict[str, dict], prompts: list[str], instance_prompt: str, path: Path
-) -> Path:
-    """Rows: the base, then each budget; columns: the instance prompt (seeds), then non-subject prompts."""
+def sample_grid(rows: list[tuple[str, dict]], path: Path) -> Path:
+    """One row per (subject, model): two samples each of the instance prompt, a training background
+    and an unseen background."""
     from PIL import Image, ImageDraw
 
-    cell, label, header = 80, 120, 56
-    first = next(iter(rows.values()))
-    columns = [f"{instance_prompt}\n(seed {s})" for s in range(len(first["subject"]))]
-    columns += prompts[: len(first["prompts"])]
-    grid = Image.new("RGB", (label + cell * len(columns), header + cell * len(rows)), "white")
+    cell, label, header = 64, 230, 16
+    kinds = ["instance", "training backgrounds", "unseen backgrounds"]
+    grid = Image.new("RGB", (label + cell * 2 * len(kinds), header + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, text in enumerate(columns):
-        words, lines = text.replace("\n", " \n ").split(" "), [""]
-        for word in words:
-            if word == "\n" or len(lines[-1]) + len(word) > 13:
-                lines.append("")
-            if word != "\n":
-                lines[-1] = f"{lines[-1]} {word}".strip()
-        draw.multiline_text((label + c * cell + 2, 2), "\n".join(lines[:4]), fill="black", spacing=1)
-    draw.text((4, 2), f"{method}\n(seed 0 runs)", fill="black")
-    for r, (name, images) in enumerate(rows.items()):
+    for c, kind in enumerate(kinds):
+        draw.text((label + c * 2 * cell + 2, 2), kind, fill="black")
+    for r, (name, samples) in enumerate(rows):
         draw.text((4, header + r * cell + cell // 2 - 6), name, fill="black")
-        for c, image in enumerate([*images["subject"], *images["prompts"]]):
-            tile = Image.fromarray(image).resize((cell - 2, cell - 2), Image.Resampling.NEAREST)
-            grid.paste(tile, (label + c * cell + 1, header + r * cell + 1))
+        for c, image in enumerate(image for kind in kinds for image in samples[kind][:2]):
+            grid.paste(
+                Image.fromarray(image).resize((cell - 2, cell - 2)),
+                (label + c * cell + 1, header + r * cell + 1),
+            )
     grid.save(path, optimize=True)
     return path
 
@@ -434,88 +616,101 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment("cpu", args.threads)
     start = time.time()
     script = training_script()
-    jobs = [(m, b, s) for b in args.budgets for m in args.methods for s in args.seeds]
-    trained = []
-    for method, budget, seed in tqdm(jobs, desc="train"):
-        folder, metrics = train(args, script, method, budget, seed)
-        trained.append((method, budget, seed, folder, metrics))
-        gc.collect()
-
     judge = Judge(args)
-    base, base_grid = judged(judge, Path(args.work_dir, "base"), None)
-    runs, grids = [], {m: {"base": base_grid} for m in args.methods}
-    diverged = []
-    for method, budget, seed, folder, metrics in tqdm(trained, desc="judge"):
+    jobs = [
+        (recipe, method, budget, index, seed)
+        for recipe in args.recipes
+        for budget in args.budgets
+        for method in args.methods
+        for index in args.subjects
+        for seed in args.seeds
+    ]
+    if args.shard is not None:
+        jobs = jobs[args.shard[0] :: args.shard[1]]
+    bases = {
+        index: judged(judge, Path(args.work_dir, "base", subject_info(index)["slug"]), index, None)
+        for index in tqdm(args.subjects, desc="base")
+    }
+    runs, diverged, samples = [], [], {}
+    for job in tqdm(jobs, desc="train and judge"):
+        recipe, method, budget, index, seed = job
+        metrics = train(args, script, judge, job)
+        gc.collect()
         if "diverged" in metrics:
-            diverged.append(
-                {"method": method, "budget": budget, "seed": seed, "message": metrics["diverged"]}
-            )
+            diverged.append({"recipe": recipe, "method": method, "budget": budget, "subject": index, "seed": seed,
+                             "message": metrics["diverged"]})  # fmt: skip
             continue
-        scores, grid = judged(judge, folder, folder / "adapter.safetensors")
+        folder = run_folder(args, job)
+        scores, run_samples = judged(judge, folder, index, folder / "adapter.safetensors")
         if seed == args.seeds[0]:
-            grids[method][budget] = grid
+            samples[job] = run_samples
         runs.append(
             {
+                "recipe": recipe,
                 "method": method,
                 "budget": budget,
+                "subject": subject_info(index)["name"],
+                "difficulty": SUBJECTS[index][0],
                 "seed": seed,
-                "rank": BUDGETS[budget][method][0],
-                "conv_rank": BUDGETS[budget][method][1],
                 "params": adapter_parameters(folder / "adapter.safetensors"),
-                "train_time_s": metrics.get("train_loop_time_s", float("nan")),
+                "steps": metrics.get("steps"),
+                "train_time_s": metrics.get("train_loop_time_s"),
                 **scores,
-                "subject_fit": scores["subject_loss"] / base["subject_loss"],
-                "prior_drift": 100 * (scores["class_loss"] / base["class_loss"] - 1),
-                "prompt_accuracy_change": scores["prompt_accuracy"] - base["prompt_accuracy"],
-            }
+                **relative(scores, bases[index][0]),
+            }  # fmt: skip
         )
-    rows = summarise(runs)
+    if args.shard is not None:
+        print(f"shard {args.shard[0]}/{args.shard[1]}: {len(runs)} runs judged, {len(diverged)} diverged")
+        return {"runs": runs, "diverged": diverged}
     env["wall_time_s"] = round(time.time() - start)
 
+    rows = summarise(runs, ("recipe", "method", "budget"))
+    per_subject = summarise(runs, ("recipe", "method", "budget", "subject"))
     output = Path(args.output_dir)
     command = command_line(argv, "benchmarks/quality.py")
-    ranks = "; ".join(
-        f"{budget}: "
-        + ", ".join(f"{m} rank {r}" + (f" conv {c}" if c else "") for m, (r, c) in BUDGETS[budget].items())
-        for budget in args.budgets
+    recipes = "; ".join(
+        f"`{name}`: `{' '.join(a) or 'the script defaults'}`" for name, a in args.recipe_args.items()
     )
     body = "\n\n".join(
         [
-            f"DreamBooth (`train_scripts/train_dreambooth_liera.py`, no prior preservation) on `{Path(args.base).name}` "
-            f"with the subject in `{Path(args.subject).name}`: {args.max_train_steps} steps, batch "
-            f"{args.train_batch_size}, the script's default learning rate"
-            f"{'' if args.learning_rate is None else f' overridden to {args.learning_rate}'}; seeds {args.seeds}. "
-            f"Ranks: {ranks}. Targets: attention projections and resnet/sampler convolutions.",
-            "Means ± sample standard deviations over seeds. Subject loss: held-out denoising loss on the "
-            f"{len(judge.subject_images)} subject images ({args.eval_timesteps} fixed timesteps x {args.eval_noises} "
-            f"fixed noise draws), divided by the base model's. Prior drift: change of the denoising loss on "
-            f"{args.class_images} rendered circles captioned {judge.class_prompt!r}. Prompt accuracy: the toy "
-            f"analyser's colour+shape+background accuracy on {args.num_prompts} non-subject prompts "
-            f"({args.inference_steps} steps, guidance {args.guidance_scale}). Subject rate: share of "
-            f"{args.subject_samples} images of {judge.instance_prompt!r} the analyser recognises as the subject.",
-            table(rows, base)
-            + "".join(
-                f"\n\nDiverged (left out of the means): {d['method']} {d['budget']} seed {d['seed']}: {d['message']}"
+            f"DreamBooth (`train_scripts/train_dreambooth_liera.py`) on `{Path(args.base).name}`, {len(args.subjects)} "
+            f"subjects x {len(args.seeds)} seeds ({args.seeds}), batch {args.train_batch_size}"
+            + (f", {args.max_train_steps} steps" if args.max_train_steps else "")
+            + f". Recipes: {recipes}. Budgets: {', '.join(args.budgets)} (ranks in `BUDGETS`).",
+            "Means over subjects and seeds; ± is the standard deviation over seeds of the subject means. "
+            f"Held-out fit: denoising loss on {VIEWS} views per subject that training never saw (other places, "
+            "sizes and backgrounds), captioned with their background, ÷ the base model's; training fit: the same "
+            f"on the {VIEWS} training views. Class drift: change of the loss on {args.class_images} rendered "
+            "objects of the subject's class captioned with the class prompt. Prompt following: the analyser's "
+            f"accuracy on {args.num_prompts} non-subject prompts ÷ the base's. Subject rates: share of "
+            f"{args.subject_samples} samples per kind of prompt that the analyser recognises as the subject "
+            f"({args.inference_steps} steps, guidance {args.guidance_scale}).",
+            table(rows, ("recipe", "method", "budget")),
+            "Per subject:\n\n" + table(per_subject, ("recipe", "method", "budget", "subject")),
+            "The base model on each subject (the denominators):\n\n"
+            + base_table({i: b[0] for i, b in bases.items()}),
+            *[
+                f"Diverged (left out of the means): {d['recipe']} {d['method']} {d['budget']} subject {d['subject']} "
+                f"seed {d['seed']}: {d['message']}"
                 for d in diverged
-            ),
-            f"![fit vs drift]({args.name}_fit_vs_drift.png)",
-            *[f"![{m} samples]({args.name}_samples_{m}.png)" for m in args.methods],
+            ],
+            f"![fit vs drift]({args.name}_fit_vs_drift.png)\n\n![samples]({args.name}_samples.png)",
         ]
     )
-    write_markdown(output / f"{args.name}.md", "Quality at matched parameter budgets", env, body, command)
-    payload = {"environment": env, "command": command, "settings": vars(args), "base": base}
-    payload.update({"summary": rows, "runs": runs, "diverged": diverged})
+    write_markdown(output / f"{args.name}.md", "DreamBooth quality on unseen subjects", env, body, command)
+    payload = {"environment": env, "command": command, "settings": {k: v for k, v in vars(args).items()}}
+    payload.update({"bases": {subject_info(i)["name"]: b[0] for i, b in bases.items()}})
+    payload.update({"summary": rows, "per_subject": per_subject, "runs": runs, "diverged": diverged})
     write_json(output / f"{args.name}.json", payload)
     if not args.no_plot:
         plot_fit_vs_drift(runs, rows, output / f"{args.name}_fit_vs_drift.png")
-        for method in args.methods:
-            sample_grid(
-                method,
-                grids[method],
-                [p["prompt"] for p in judge.prompts],
-                judge.instance_prompt,
-                output / f"{args.name}_samples_{method}.png",
-            )
+        grid_rows = []
+        for index in args.subjects:
+            grid_rows.append((f"{subject_info(index)['name']}: base", bases[index][1]))
+            for job, job_samples in samples.items():
+                if job[3] == index:
+                    grid_rows.append((f"  {job[1]} {job[0]}", job_samples))
+        sample_grid(grid_rows, output / f"{args.name}_samples.png")
     print(body)
     return payload
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import COLOURS, PALETTE, PATTERNS, SHAPES, SIZES, SUBJECT, pattern_template, shape_mask
+from .data import COLOURS, NEW_SHAPES, PALETTE, PATTERNS, SHAPES, SIZES, SUBJECT, pattern_template, shape_mask
 
 _PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
 MIN_CONTRAST = 45.0  # an object pixel differs from the background by this much (RGB distance)
@@ -168,7 +168,7 @@ def _template_frame(mask: np.ndarray) -> tuple[tuple[float, float], float, float
 
 
 def shape_scores(mask: np.ndarray) -> tuple[dict[str, float], tuple[int, int, int, int]]:
-    """IoU of ``mask`` with each shape of :data:`SHAPES` drawn in the mask's bounding box.
+    """IoU of ``mask`` with each shape of :data:`SHAPES` and :data:`NEW_SHAPES` drawn in the mask's bounding box.
 
     Also returns the bounding box ``(top, left, bottom, right)``.
     """
@@ -176,7 +176,7 @@ def shape_scores(mask: np.ndarray) -> tuple[dict[str, float], tuple[int, int, in
     size = mask.shape[0]
     m = mask.astype(np.float32)
     scores = {}
-    for s in SHAPES:
+    for s in SHAPES + NEW_SHAPES:
         tmpl = shape_mask(s, centre, w, size, supersample=2, aspect=aspect)
         scores[s] = float(np.minimum(m, tmpl).sum() / max(np.maximum(m, tmpl).sum(), 1e-6))
     return scores, _bbox(mask)
@@ -320,7 +320,7 @@ def _parse_object(words: list[str]) -> dict:
             pattern = name
             break
     return {
-        "shape": next((w for w in words if w in SHAPES), None),
+        "shape": next((w for w in words if w in SHAPES + NEW_SHAPES), None),
         "pattern": pattern,
         "colours": tuple(w for w in words if w in PALETTE) or None,
         "size": next((w for w in words if w in SIZES), None),

@@ -39,6 +39,9 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+#: Shapes pretraining never draws (nor names: the tokenizer spells them letter by letter), for
+#: DreamBooth subjects well outside what the base knows. The analyser recognises them too.
+NEW_SHAPES: tuple[str, ...] = ("cross",)
 #: Pattern name -> the words a caption uses for it (before the shape). "plain" has one colour.
 PATTERNS: dict[str, str] = {
     "plain": "",
@@ -157,7 +160,9 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
     if shape == "diamond":  # a square standing on a corner
         return np.abs(u) + np.abs(v) <= 1.0
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape == "cross":  # a plus sign, arms a third of the box wide
+        return ((np.abs(u) <= 1 / 3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 1 / 3) & (np.abs(u) <= 1.0))
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NEW_SHAPES}")
 
 
 def pattern_field(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -480,18 +485,24 @@ class ToyShapesDataset:
 # DreamBooth subjects: held-out combinations the base model has never seen whole.
 
 
-def subject(index: int = 0, token: str = "sks") -> dict:
-    """The DreamBooth subject made from ``HELDOUT[index]``: its attributes and prompts."""
-    pattern, a, b, shape = HELDOUT[index]
+def make_subject(pattern: str, colours: tuple[str, ...], shape: str, token: str = "sks") -> dict:
+    """A DreamBooth subject: its attributes (what the analyser checks) and its prompts."""
+    name = " and ".join(colours) + (f" {PATTERNS[pattern]}" if PATTERNS[pattern] else "") + f" {shape}"
     return {
-        "name": f"{a} and {b} {PATTERNS[pattern]} {shape}",
+        "name": name,
         "shape": shape,
         "pattern": pattern,
-        "colours": (a, b),
+        "colours": tuple(colours),
         "token": token,
         "instance_prompt": f"a {token} {shape}",
         "class_prompt": f"a {shape}",
     }
+
+
+def subject(index: int = 0, token: str = "sks") -> dict:
+    """The DreamBooth subject made from ``HELDOUT[index]``."""
+    pattern, a, b, shape = HELDOUT[index]
+    return make_subject(pattern, (a, b), shape, token)
 
 
 #: The shipped subject: a circle with horizontal yellow and black stripes (a "bee ball").
