@@ -84,6 +84,7 @@ class DreamBoothDataset(Dataset):
     Like diffusers' dataset, its length is the larger of the two image counts and item `i` pairs
     instance image `i % n_instance` with class image `i % n_class`. Images are decoded once; random
     crops depend on (seed, epoch, index) only, so call `set_epoch` (accelerate's dataloader does).
+    `instance_prompts` (one per instance image) replaces `instance_prompt` with per-image captions.
     """
 
     def __init__(
@@ -97,10 +98,21 @@ class DreamBoothDataset(Dataset):
         class_prompt: str | None = None,
         seed: int = 0,
         tokenizer_max_length: int | None = None,
+        instance_prompts: Sequence[str] | None = None,
     ):
         self.instance_images = [load_rgb(path) for path in instance_images]
         self.class_images = [load_rgb(path) for path in class_images or []]
-        self.instance_prompt_ids = tokenize_prompt(tokenizer, instance_prompt, tokenizer_max_length)
+        if instance_prompts is not None and len(instance_prompts) != len(self.instance_images):
+            raise ValueError(
+                f"{len(instance_prompts)} instance prompts for {len(self.instance_images)} instance images"
+            )
+        # Each distinct prompt is tokenised once; image i uses row `self.prompt_rows[i]`.
+        prompts = list(instance_prompts or [instance_prompt] * len(self.instance_images))
+        distinct = list(dict.fromkeys(prompts))
+        self.instance_prompt_ids = torch.cat(
+            [tokenize_prompt(tokenizer, prompt, tokenizer_max_length) for prompt in distinct]
+        )
+        self.prompt_rows = [distinct.index(prompt) for prompt in prompts]
         self.class_prompt_ids = (
             tokenize_prompt(tokenizer, class_prompt, tokenizer_max_length) if self.class_images else None
         )
@@ -114,10 +126,12 @@ class DreamBoothDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([CROP_KEY, self.seed, self.epoch, index])
-        image = self.instance_images[index % len(self.instance_images)]
+        i = index % len(self.instance_images)
         example = {
-            "instance_images": to_model_input(image, self.resolution, self.center_crop, rng),
-            "instance_prompt_ids": self.instance_prompt_ids[0],
+            "instance_images": to_model_input(
+                self.instance_images[i], self.resolution, self.center_crop, rng
+            ),
+            "instance_prompt_ids": self.instance_prompt_ids[self.prompt_rows[i]],
         }
         if self.class_images:
             image = self.class_images[index % len(self.class_images)]
@@ -202,15 +216,16 @@ def denoising_loss(
     tokenizer,
     noise_scheduler,
     images: Sequence[Image.Image],
-    prompt: str,
+    prompt: str | Sequence[str],
     resolution: int,
     num_timesteps: int = 10,
     noises_per_timestep: int = 2,
     seed: int = 0,
     batch_size: int = 8,
 ) -> float:
-    """Mean squared error of the UNet's prediction on `images` (centre-cropped) captioned `prompt`,
-    at `num_timesteps` evenly spaced timesteps with fixed noise that training never draws.
+    """Mean squared error of the UNet's prediction on `images` (centre-cropped) captioned `prompt`
+    (one prompt for all, or one per image), at `num_timesteps` evenly spaced timesteps with fixed
+    noise that training never draws.
 
     The same numbers (images, timesteps, noise) give the base model's and the adapted model's loss,
     so "before" and "after" differ only by the adapter: a lower "after" means it learned the subject.
@@ -223,7 +238,13 @@ def denoising_loss(
     generator = seeded_generator(HELDOUT_KEY, seed)
     latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample(generator=generator)
     latents = (latents * vae.config.scaling_factor).float().cpu()
-    hidden = text_encoder(tokenize_prompt(tokenizer, prompt).to(device))[0].to(dtype)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    # Each distinct prompt is encoded once, alone (so one prompt gives exactly the numbers it always did).
+    distinct = list(dict.fromkeys(prompts))
+    encoded = [text_encoder(tokenize_prompt(tokenizer, p).to(device))[0].to(dtype) for p in distinct]
+    hidden = torch.cat([encoded[distinct.index(p)] for p in prompts])  # one row per image
 
     # Every (image, timestep, noise draw) combination, evaluated in batches.
     cases = [
@@ -238,8 +259,6 @@ def denoising_loss(
         clean, eps = latents[index], noise[start : start + len(chunk)]
         noisy = noise_scheduler.add_noise(clean, eps, t)
         target = prediction_target(noise_scheduler, clean, eps, t)
-        pred = unet(
-            noisy.to(device, dtype), t.to(device), hidden.expand(len(chunk), -1, -1), return_dict=False
-        )[0]
+        pred = unet(noisy.to(device, dtype), t.to(device), hidden[index.to(device)], return_dict=False)[0]
         errors.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
     return torch.cat(errors).mean().item()

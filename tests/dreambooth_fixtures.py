@@ -89,6 +89,7 @@ def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     y, x = np.mgrid[0:size, 0:size] + 0.5
     backgrounds = [(245, 245, 245), (40, 70, 220), (40, 170, 60), (220, 30, 30)]
+    names = ["white", "blue", "green", "red"]
     for i in range(count):
         cx, cy, r = size * (0.4 + 0.1 * i), size * 0.5, size * 0.3
         inside = (x - cx) ** 2 + (y - cy) ** 2 < r**2
@@ -105,6 +106,9 @@ def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
         "pattern": "hstripes",
         "colours": ["yellow", "black"],
         "validation_prompts": ["a sks circle", "a sks circle on a blue background"],
+        "captions": {
+            f"subject_{i}.png": f"a sks circle on a {names[i % len(names)]} background" for i in range(count)
+        },
     }
     (path / "prompts.json").write_text(json.dumps(prompts))
     return path

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,28 @@ def test_two_cpu_processes_end_with_identical_adapters(tiny):
     assert metrics["num_processes"] == 2 and metrics["max_abs_diff_between_ranks"] == 0
 
 
+def test_instance_captions_give_each_image_its_own_prompt(tiny):
+    """`--instance_captions`: a `<stem>.txt` beside an image wins over prompts.json's "captions"."""
+    from transformers import CLIPTokenizer
+
+    from plugin.training import DreamBoothDataset, tokenize_prompt
+
+    subject = tiny["root"] / "captioned"
+    shutil.copytree(tiny["subject"], subject)
+    (subject / "subject_0.txt").write_text("a sks circle, from its text file\n")
+    output = run(train_args(tiny, tiny["root"] / "captions", "liera", "--instance_data_dir", str(subject),
+                            "--instance_captions"))  # fmt: skip
+    assert "Prompts = per-image captions (3 distinct)" in output
+    assert json.loads((tiny["root"] / "captions" / "metrics.json").read_text())["steps"] == 4
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny["base"], subfolder="tokenizer")
+    prompts = ["a sks circle, from its text file", "a sks circle on a blue background", "a sks circle"]
+    images = sorted(subject.glob("*.png"))
+    dataset = DreamBoothDataset(images, "unused", tokenizer, RESOLUTION, instance_prompts=prompts)
+    for index, prompt in enumerate(prompts):
+        assert torch.equal(dataset[index]["instance_prompt_ids"], tokenize_prompt(tokenizer, prompt)[0])
+
+
 # --- bad arguments: refused while parsing, before torch and diffusers are even imported ---------
 
 
@@ -196,6 +219,13 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
         script, capsys, [*base, "--instance_data_dir", str(broken), "--instance_prompt", "a sks x"]
     )
     assert "photo.png is not a readable image" in message
+    uncaptioned = tmp_path / "uncaptioned"
+    shutil.copytree(tiny["subject"], uncaptioned)
+    prompts = json.loads((uncaptioned / "prompts.json").read_text())
+    del prompts["captions"]["subject_1.png"]
+    (uncaptioned / "prompts.json").write_text(json.dumps(prompts))
+    message = refusal(script, capsys, [*base, "--instance_data_dir", str(uncaptioned), "--instance_captions"])
+    assert "--instance_captions:" in message and "subject_1.png has no caption" in message
     message = refusal(script, capsys, [*base, *data, "--with_prior_preservation"])
     assert "--class_data_dir" in message
     assert "--conv_rank" in refusal(

@@ -38,7 +38,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
 DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
-# Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompts": [...]}
+# Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompts": [...],
+# "captions": {"<image file name>": "<its caption>", ...}}
 PROMPTS_FILE = "prompts.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
@@ -79,6 +80,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help=f"The prompt with the identifier of the instance. Default: read from {PROMPTS_FILE} in the instance folder.",
+    )
+    model.add_argument(
+        "--instance_captions",
+        action="store_true",
+        help="Train each instance image with its own caption instead of --instance_prompt: the text of "
+        f'<image stem>.txt beside it, else its entry in {PROMPTS_FILE}\'s "captions" (file name -> caption).',
     )
     model.add_argument("--class_data_dir", type=str, default=None, help="A folder of class images.")
     model.add_argument(
@@ -333,6 +340,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(
             f"--instance_prompt is required ({args.instance_data_dir} has no {PROMPTS_FILE} with one)"
         )
+    args.instance_prompts = None  # per instance image, with --instance_captions
+    if args.instance_captions:
+        args.instance_prompts = []
+        for image in instance_images:
+            caption = image_caption(parser, image, prompts)
+            if caption is None:
+                parser.error(
+                    f"--instance_captions: {image} has no caption (write {image.with_suffix('.txt').name} "
+                    f'beside it, or add "{image.name}" to "captions" in {Path(args.instance_data_dir, PROMPTS_FILE)})'
+                )
+            args.instance_prompts.append(caption)
     args.class_prompt = args.class_prompt or (
         prompts.get("class_prompt") if args.with_prior_preservation else None
     )
@@ -424,6 +442,19 @@ def _read_prompts(parser: argparse.ArgumentParser, folder: Path) -> dict:
     except json.JSONDecodeError as error:
         parser.error(f"{path} is not valid JSON ({error})")
     return prompts if isinstance(prompts, dict) else {}
+
+
+def image_caption(parser: argparse.ArgumentParser, image: Path, prompts: dict) -> str | None:
+    """An image's own caption: `<stem>.txt` beside it (the kohya/diffusers convention), else its
+    entry in the folder's prompts.json "captions"; None if it has neither."""
+    text_file = image.with_suffix(".txt")
+    if text_file.is_file() and text_file.read_text().strip():
+        return text_file.read_text().strip()
+    captions = prompts.get("captions", {})
+    if not isinstance(captions, dict):
+        parser.error(f'{image.parent / PROMPTS_FILE}: "captions" must map image file names to captions')
+    caption = captions.get(image.name)
+    return str(caption).strip() if caption else None
 
 
 def sdxl_reason(model_index: dict, unet_config: dict) -> str | None:
@@ -641,6 +672,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     """A short README.md in --output_dir: what was trained on what, how to load it, how it did."""
     base = display_name(args.pretrained_model_name_or_path)
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
+    captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
     metrics = {
         k: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
@@ -654,7 +686,7 @@ tags: [text-to-image, diffusers, dreambooth, {args.adapter}]
 # {args.adapter} DreamBooth adapter for {base}
 
 Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
-"{args.instance_prompt}"{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
+"{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
 learning rate {args.learning_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
 scale {args.scale}, targets `{args.targets}`), text encoder adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` format (FORMAT.md).
@@ -843,6 +875,7 @@ def main(args: argparse.Namespace) -> dict:
         class_prompt=args.class_prompt,
         seed=args.seed,
         tokenizer_max_length=args.tokenizer_max_length,
+        instance_prompts=args.instance_prompts,
     )
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -880,6 +913,10 @@ def main(args: argparse.Namespace) -> dict:
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(train_dataset)}")
+    if args.instance_prompts:
+        logger.info(f"  Prompts = per-image captions ({len(set(args.instance_prompts))} distinct)")
+    else:
+        logger.info(f"  Prompt = {args.instance_prompt!r}")
     logger.info(f"  Num batches each epoch = {len(train_dataloader)}")
     logger.info(f"  Num Epochs = {args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
@@ -1047,7 +1084,7 @@ def main(args: argparse.Namespace) -> dict:
                     pipeline.tokenizer,
                     noise_scheduler,
                     images,
-                    args.instance_prompt,
+                    args.instance_prompts or args.instance_prompt,
                     args.resolution,
                     seed=args.seed,
                 )
