@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import quality, speed, yardstick
 from tests.conftest import TINY_UNET
-from tests.dreambooth_fixtures import build_tiny_pipeline, make_subject
+from tests.dreambooth_fixtures import build_tiny_pipeline
 
 needs_proc = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc"
@@ -67,27 +67,49 @@ def test_speed_worker_runs_in_its_own_process(tiny_config):
 
 def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     base = build_tiny_pipeline(tmp_path / "tiny-sd")
-    subject = make_subject(tmp_path / "subject")
     argv = [
-        "--base", str(base), "--subject", str(subject), "--methods", "liera", "--budgets", "small",
-        "--seeds", "0", "--max-train-steps", "2", "--train-batch-size", "1", "--num-prompts", "2",
-        "--subject-samples", "2", "--class-images", "2", "--eval-timesteps", "2", "--eval-noises", "1",
-        "--inference-steps", "2", "--work-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"),
+        "--base", str(base), "--subjects", "6", "--methods", "liera", "--budgets", "small", "--seeds", "0",
+        "--recipes", "plain=--learning_rate 1e-3", "prior=--with_prior_preservation",
+        "--max-train-steps", "2", "--train-batch-size", "1", "--num-prompts", "2", "--subject-samples", "2",
+        "--class-images", "2", "--eval-timesteps", "2", "--eval-noises", "1", "--inference-steps", "2",
+        "--work-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"),
     ]  # fmt: skip
     payload = quality.main(argv)
 
-    (run,) = payload["runs"]
-    assert run["method"] == "liera" and run["params"] > 0
-    for key in ("subject_fit", "prior_drift", "prompt_accuracy", "subject_rate"):
-        assert run[key] == run[key]  # a number, not NaN
+    assert [run["recipe"] for run in payload["runs"]] == ["plain", "prior"]
+    for run in payload["runs"]:
+        assert run["method"] == "liera" and run["params"] > 0 and run["subject"] == "orange cross"
+        for key in (
+            "heldout_fit",
+            "train_fit",
+            "class_drift",
+            "prompt_following",
+            "rate_unseen",
+            "shape_kept",
+        ):
+            assert run[key] == run[key]  # a number, not NaN
+    subject = tmp_path / "runs" / "subjects" / "orange-cross"
+    prompts = json.loads((subject / "prompts.json").read_text())
+    assert len(list(subject.glob("*.png"))) == len(list((subject / "heldout").glob("*.png"))) == quality.VIEWS
+    assert not set(prompts["training_backgrounds"]) & set(prompts["unseen_backgrounds"])
+    # Prior preservation trained on class images the base generated once for the subject's class.
+    assert len(list((tmp_path / "runs" / "class" / "cross").glob("*.png"))) == quality.CLASS_IMAGES
     out = tmp_path / "out"
-    assert "subject loss ×base" in (out / "quality.md").read_text()
+    assert "held-out fit ×base" in (out / "quality.md").read_text()
     assert (out / "quality_fit_vs_drift.png").stat().st_size > 0
-    assert (out / "quality_samples_liera.png").stat().st_size > 0
-    # A second call reuses the finished run instead of training again.
-    mtime = (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime
+    assert (out / "quality_samples.png").stat().st_size > 0
+    # A second call reuses the finished runs instead of training again.
+    adapter = tmp_path / "runs" / "plain" / "liera-small" / "orange-cross" / "seed0" / "adapter.safetensors"
+    mtime = adapter.stat().st_mtime
     quality.main([*argv, "--no-plot"])
-    assert (tmp_path / "runs" / "liera-small-seed0" / "adapter.safetensors").stat().st_mtime == mtime
+    assert adapter.stat().st_mtime == mtime
+
+
+def test_quality_benchmark_refuses_unknown_recipes_and_subjects():
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--recipes", "no-such-recipe"])
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--subjects", str(len(quality.SUBJECTS))])
 
 
 def test_yardstick_trains_full_and_lora_judges_and_resumes(tmp_path):
