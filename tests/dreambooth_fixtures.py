@@ -84,21 +84,36 @@ def build_tiny_pipeline(path: Path) -> Path:
     return path
 
 
-def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
-    """A few PNGs of a yellow-and-black striped disc on different backgrounds, plus prompts.json."""
-    path.mkdir(parents=True, exist_ok=True)
+def _disc(
+    size: int, centre: tuple[float, float], radius: float, background: tuple[int, int, int]
+) -> Image.Image:
+    """The subject: a yellow-and-black striped disc."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
+    inside = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 < radius**2
+    stripes = ((y // max(1, size // 8)) % 2).astype(bool)
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = background
+    image[inside & stripes] = (240, 225, 40)
+    image[inside & ~stripes] = (20, 20, 20)
+    return Image.fromarray(image)
+
+
+def make_subject(path: Path, count: int = 3, size: int = RESOLUTION, heldout: int = 2) -> Path:
+    """A few PNGs of a yellow-and-black striped disc on different backgrounds, plus prompts.json;
+    `heldout` more views in heldout/, smaller and elsewhere, on an orange background training never shows."""
+    path.mkdir(parents=True, exist_ok=True)
     backgrounds = [(245, 245, 245), (40, 70, 220), (40, 170, 60), (220, 30, 30)]
     names = ["white", "blue", "green", "red"]
     for i in range(count):
-        cx, cy, r = size * (0.4 + 0.1 * i), size * 0.5, size * 0.3
-        inside = (x - cx) ** 2 + (y - cy) ** 2 < r**2
-        stripes = ((y // max(1, size // 8)) % 2).astype(bool)
-        image = np.empty((size, size, 3), dtype=np.uint8)
-        image[:] = backgrounds[i % len(backgrounds)]
-        image[inside & stripes] = (240, 225, 40)
-        image[inside & ~stripes] = (20, 20, 20)
-        Image.fromarray(image).save(path / f"subject_{i}.png")
+        disc = _disc(
+            size, (size * (0.4 + 0.1 * i), size * 0.5), size * 0.3, backgrounds[i % len(backgrounds)]
+        )
+        disc.save(path / f"subject_{i}.png")
+    if heldout:
+        (path / "heldout").mkdir(exist_ok=True)
+    for i in range(heldout):
+        centre = (size * (0.3 + 0.4 * (i % 2)), size * (0.35 + 0.1 * i))
+        _disc(size, centre, size * 0.22, (245, 140, 20)).save(path / "heldout" / f"{i}.png")
     prompts = {
         "instance_prompt": "a sks circle",
         "class_prompt": "a circle",
@@ -109,6 +124,7 @@ def make_subject(path: Path, count: int = 3, size: int = RESOLUTION) -> Path:
         "captions": {
             f"subject_{i}.png": f"a sks circle on a {names[i % len(names)]} background" for i in range(count)
         },
+        "heldout": {f"{i}.png": "a sks circle on an orange background" for i in range(heldout)},
     }
     (path / "prompts.json").write_text(json.dumps(prompts))
     return path

@@ -51,6 +51,7 @@ def train_args(tiny: dict[str, Path], output_dir: Path, method: str = "liera", *
         "--max_train_steps", "4",
         "--checkpointing_steps", "2",
         "--num_validation_images", "0",
+        "--num_drift_images", "2",
         *extra,
     ]  # fmt: skip
 
@@ -110,8 +111,25 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     assert difference > 1e-6
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["losses"]) == 4
-    assert metrics["heldout_loss_before"] > 0 and metrics["heldout_loss_after"] > 0
-    assert (output_dir / "README.md").is_file()
+    # Fit on the 3 training images, generalisation to the 2 of heldout/, drift on 2 generated class images.
+    counts = [metrics[f"num_{kind}_images"] for kind in ["train", "heldout", "drift"]]
+    assert counts == [3, 2, 2]
+    for name in ["train_images_loss", "heldout_loss", "class_loss"]:
+        assert 0 < metrics[f"{name}_before"] < math.inf and 0 < metrics[f"{name}_after"] < math.inf, name
+    assert metrics["heldout_loss_ratio"] == pytest.approx(
+        metrics["heldout_loss_after"] / metrics["heldout_loss_before"]
+    )
+    assert metrics["prior_drift_percent"] == pytest.approx(
+        100 * (metrics["class_loss_after"] / metrics["class_loss_before"] - 1)
+    )
+    # Evaluated before training, every --validation_steps (2 for liera, 250 for the others) and at the end.
+    assert [step for step, _ in metrics["heldout_curve"]] == ([0, 2, 4] if method == "liera" else [0, 4])
+    assert metrics["heldout_curve"][0][1] == pytest.approx(metrics["heldout_loss_before"], rel=1e-4)
+    assert metrics["heldout_curve"][-1][1] == pytest.approx(metrics["heldout_loss_after"], rel=1e-4)
+    assert metrics["adapter_step"] == 4 and metrics["best_step"] in (0, 2, 4)
+    card = (output_dir / "README.md").read_text()
+    for row in ["training images (fit)", "held-out images (generalisation)", "class images (prior drift)"]:
+        assert f"| {row}" in card, row
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (output_dir / "checkpoint-2" / "adapter.safetensors").is_file()
     assert not list((output_dir / "checkpoint-2").glob("*model*"))  # no pickled model weights
@@ -136,6 +154,7 @@ def test_a_killed_run_resumed_from_latest_reaches_the_same_adapter(tiny):
 
     output = run([*args, "--resume_from_checkpoint", "latest"])
     assert "Resuming from checkpoint" in output
+    assert "Generating" not in output  # the drift measure's class images were made once, before training
     expected, resumed = (
         load_file(reference / "adapter.safetensors"),
         load_file(output_dir / "adapter.safetensors"),
@@ -143,8 +162,13 @@ def test_a_killed_run_resumed_from_latest_reaches_the_same_adapter(tiny):
     assert expected.keys() == resumed.keys()
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
-    losses = json.loads((output_dir / "metrics.json").read_text())["losses"]
-    assert losses == pytest.approx(json.loads((reference / "metrics.json").read_text())["losses"], abs=1e-5)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    reference_metrics = json.loads((reference / "metrics.json").read_text())
+    assert metrics["losses"] == pytest.approx(reference_metrics["losses"], abs=1e-5)
+    # The held-out curve up to step 2 comes from the checkpoint.
+    curve, reference_curve = metrics["heldout_curve"], reference_metrics["heldout_curve"]
+    assert [step for step, _ in curve] == [step for step, _ in reference_curve] == [0, 2, 4]
+    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in reference_curve], abs=1e-5)
 
 
 def test_two_cpu_processes_end_with_identical_adapters(tiny):
@@ -156,6 +180,7 @@ def test_two_cpu_processes_end_with_identical_adapters(tiny):
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["max_abs_diff_between_ranks"] == 0
+    assert [step for step, _ in metrics["heldout_curve"]] == [0, 4]  # on the main process, no deadlock
 
 
 def test_instance_captions_give_each_image_its_own_prompt(tiny):
@@ -178,6 +203,73 @@ def test_instance_captions_give_each_image_its_own_prompt(tiny):
     dataset = DreamBoothDataset(images, "unused", tokenizer, RESOLUTION, instance_prompts=prompts)
     for index, prompt in enumerate(prompts):
         assert torch.equal(dataset[index]["instance_prompt_ids"], tokenize_prompt(tokenizer, prompt)[0])
+
+
+def test_held_out_instance_images_are_measured_not_trained_on(tiny):
+    """--num_heldout_images 1 of 3 instance images, plus the 2 of heldout/; no class prompt: no drift."""
+    subject = tiny["root"] / "no-class-prompt"
+    shutil.copytree(tiny["subject"], subject)
+    prompts = json.loads((subject / "prompts.json").read_text())
+    del prompts["class_prompt"]
+    (subject / "prompts.json").write_text(json.dumps(prompts))
+    output_dir = tiny["root"] / "heldout-instances"
+    output = run(train_args(tiny, output_dir, "liera", "--instance_data_dir", str(subject),
+                            "--num_heldout_images", "1"))  # fmt: skip
+    assert "Num examples = 2" in output and "Num held-out images = 3" in output
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert (metrics["num_train_images"], metrics["num_heldout_images"]) == (2, 3)
+    assert 0 < metrics["heldout_loss_before"] < math.inf and 0 < metrics["heldout_loss_after"] < math.inf
+    assert "Prior drift: not measured, no class prompt (give --class_prompt" in output
+    assert metrics["num_drift_images"] == 0 and not (output_dir / "drift_class_images").exists()
+    assert (
+        metrics["class_loss_before"] is metrics["class_loss_after"] is metrics["prior_drift_percent"] is None
+    )
+    assert "n/a: no class prompt" in (output_dir / "README.md").read_text()
+
+
+def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny):
+    """A learning rate this high overshoots at step 3 on the tiny model, so the best is an earlier step."""
+    output_dir = tiny["root"] / "keep-best"
+    output = run(train_args(tiny, output_dir, "liera", "--keep_best_heldout", "--validation_steps", "1",
+                            "--checkpointing_steps", "1", "--max_train_steps", "3", "--learning_rate", "0.3",
+                            "--num_drift_images", "0"))  # fmt: skip
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    curve = metrics["heldout_curve"]
+    assert [step for step, _ in curve] == [0, 1, 2, 3]
+    best = min(curve, key=lambda point: point[1])[0]
+    assert metrics["best_step"] == metrics["adapter_step"] == best
+    assert 0 < best < 3, curve  # else this test checks less than it means to
+    assert f"Keeping the adapter of step {best}" in output
+    assert metrics["heldout_loss_after"] == pytest.approx(curve[best][1], rel=1e-4)
+    saved, checkpoint = (
+        load_file(output_dir / "adapter.safetensors"),
+        load_file(output_dir / f"checkpoint-{best}" / "adapter.safetensors"),
+    )
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+    assert "Prior drift: not measured (--num_drift_images 0)" in output
+
+
+def test_denoising_loss_takes_one_prompt_or_one_per_image(tiny):
+    from diffusers import StableDiffusionPipeline
+
+    from plugin.training import denoising_loss, load_rgb
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["base"])
+    images = [load_rgb(path) for path in sorted(tiny["subject"].glob("*.png"))[:2]]
+
+    def loss(prompt):
+        return denoising_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                              images, prompt, RESOLUTION, num_timesteps=2)  # fmt: skip
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only wait on each other
+    try:
+        assert loss("a sks circle") == loss(["a sks circle", "a sks circle"])
+        assert loss("a sks circle") != loss(["a sks circle", "a red square"])
+        with pytest.raises(ValueError, match="1 prompts for 2 images"):
+            loss(["a sks circle"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- bad arguments: refused while parsing, before torch and diffusers are even imported ---------
@@ -226,6 +318,19 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     (uncaptioned / "prompts.json").write_text(json.dumps(prompts))
     message = refusal(script, capsys, [*base, "--instance_data_dir", str(uncaptioned), "--instance_captions"])
     assert "--instance_captions:" in message and "subject_1.png has no caption" in message
+    message = refusal(script, capsys, [*base, *data, "--num_heldout_images", "3"])
+    assert "--num_heldout_images 3" in message and "has 3 images and at least one must train" in message
+    assert "--num_heldout_images must be 0 or more, got -1" in refusal(
+        script, capsys, [*base, *data, "--num_heldout_images", "-1"]
+    )
+    message = refusal(script, capsys, [*base, *data, "--heldout_data_dir", str(tmp_path / "nowhere")])
+    assert "--heldout_data_dir: no such directory" in message and "nowhere" in message
+    message = refusal(script, capsys, [*base, *data, "--heldout_data_dir", str(tmp_path / "empty")])
+    assert "--heldout_data_dir:" in message and "empty holds no images" in message
+    no_heldout = tmp_path / "no-heldout"
+    shutil.copytree(tiny["subject"], no_heldout, ignore=shutil.ignore_patterns("heldout"))
+    message = refusal(script, capsys, [*base, "--instance_data_dir", str(no_heldout), "--keep_best_heldout"])
+    assert "--keep_best_heldout needs held-out images" in message
     message = refusal(script, capsys, [*base, *data, "--with_prior_preservation"])
     assert "--class_data_dir" in message
     assert "--conv_rank" in refusal(
@@ -257,10 +362,32 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
         ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     )
     assert args.instance_prompt == "a sks circle"
+    assert args.class_prompt == "a circle"  # read without --with_prior_preservation too: the drift measure
     assert args.validation_prompts == ["a sks circle", "a sks circle on a blue background"]
+    # heldout/ is the default held-out set, never trained on.
+    assert args.heldout_data_dir == str(tiny["subject"] / "heldout")
+    assert [Path(p).name for p in args.train_images] == ["subject_0.png", "subject_1.png", "subject_2.png"]
+    assert [Path(p).name for p in args.heldout_images] == ["0.png", "1.png"]
+    assert args.heldout_prompts == ["a sks circle"] * 2
     assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
     assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
+
+
+def test_images_held_out_of_the_instance_folder_are_a_seeded_choice(script, tiny):
+    base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    held = ["--num_heldout_images", "1", "--instance_captions"]
+    args = script.parse_args([*base, *held])
+    assert script.parse_args([*base, *held]).heldout_images == args.heldout_images  # deterministic
+    chosen = Path(args.heldout_images[0])
+    assert chosen.parent == tiny["subject"] and str(chosen) not in args.train_images
+    assert len(args.train_images) == 2 and len(args.instance_prompts) == 2
+    assert [Path(p).parent.name for p in args.heldout_images[1:]] == ["heldout", "heldout"]
+    # Each captioned as training would: its own caption, the heldout/ ones from prompts.json's "heldout".
+    captions = json.loads((tiny["subject"] / "prompts.json").read_text())["captions"]
+    assert args.heldout_prompts == [captions[chosen.name]] + ["a sks circle on an orange background"] * 2
+    others = {script.parse_args([*base, *held, "--seed", str(seed)]).heldout_images[0] for seed in range(8)}
+    assert len(others) > 1  # the seed chooses
 
 
 def test_a_bad_argument_stops_the_launched_script_before_any_model_loads(tiny, tmp_path):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How well an adapter fits its DreamBooth subject: the held-out denoising loss, base vs adapted.
+"""How well an adapter fits its DreamBooth subject's images: the denoising loss, base vs adapted.
 
     python train_scripts/evaluate_subject_fit.py outputs/dreambooth-liera
     python train_scripts/evaluate_subject_fit.py my-run/adapter.safetensors \\
@@ -7,8 +7,10 @@
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --resolution 512
 
 The loss is the UNet's prediction error on the subject images at fixed timesteps with fixed noise
-that training never draws (`plugin.training.denoising_loss`), the same number the training script
-writes to metrics.json. Prints one JSON line: {"before": ..., "after": ..., ...}.
+that training never draws (`plugin.training.denoising_loss`). On the images the adapter trained on
+this measures fit, not generalisation: it is metrics.json's `train_images_loss_before/after`; point
+--instance_data_dir at images training never saw for a held-out measure (the training script's
+`heldout_loss_*`). Prints one JSON line: {"before": ..., "after": ..., ...}.
 """
 
 from __future__ import annotations

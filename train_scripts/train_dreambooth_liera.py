@@ -15,6 +15,12 @@ Arguments keep diffusers' names and meanings; the adapter is chosen with `--adap
 `adapter.safetensors` (format `liera/1`, see FORMAT.md), `checkpoint-<step>/` folders (resumable with
 `--resume_from_checkpoint latest`), `validation/*.png` grids, `metrics.json` and a `README.md` card.
 
+After training it measures the denoising loss, base vs adapted, on the training images (fit), on
+held-out images of the subject that training never saw (generalisation: `--heldout_data_dir`, default
+`<instance_data_dir>/heldout`, and `--num_heldout_images`) and on class images with the class prompt
+(prior drift, `--num_drift_images`). `--keep_best_heldout` saves the adapter of the step with the
+lowest held-out loss.
+
 From Python (benchmarks): `main(parse_args([...]))` runs exactly what the command line runs.
 """
 
@@ -28,6 +34,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import time
@@ -39,8 +46,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
 DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
 # Optional, in an instance folder: {"instance_prompt": ..., "class_prompt": ..., "validation_prompts": [...],
-# "captions": {"<image file name>": "<its caption>", ...}}
+# "captions": {"<image file name>": "<its caption>", ...}, "heldout": {"<file in heldout/>": "<caption>", ...}}
 PROMPTS_FILE = "prompts.json"
+HELDOUT_FOLDER = "heldout"  # in an instance folder: views of the subject that training never sees
+DRIFT_FOLDER = "drift_class_images"  # in --output_dir: base-model samples of --class_prompt
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
 DEFAULT_MAX_TRAIN_STEPS = 1000
@@ -86,6 +95,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Train each instance image with its own caption instead of --instance_prompt: the text of "
         f'<image stem>.txt beside it, else its entry in {PROMPTS_FILE}\'s "captions" (file name -> caption).',
+    )
+    model.add_argument(
+        "--heldout_data_dir",
+        type=str,
+        default=None,
+        help="Images of the subject that training never sees, to measure generalisation (the held-out "
+        f"denoising loss). Default: <instance_data_dir>/{HELDOUT_FOLDER} if it holds images.",
+    )
+    model.add_argument(
+        "--num_heldout_images",
+        type=int,
+        default=0,
+        help="Also hold this many of the instance images out of training (a --seed-determined choice), "
+        "for the held-out measure.",
     )
     model.add_argument("--class_data_dir", type=str, default=None, help="A folder of class images.")
     model.add_argument(
@@ -245,7 +268,26 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Images per validation grid (0: none). Grids are made before training, every --validation_steps "
         "and at the end, always with the same seeds.",
     )
-    validation.add_argument("--validation_steps", type=int, default=250, help="Validate every X steps.")
+    validation.add_argument(
+        "--validation_steps",
+        type=int,
+        default=250,
+        help="Validate (grids, and the held-out loss if there are held-out images) every X steps.",
+    )
+    validation.add_argument(
+        "--keep_best_heldout",
+        action="store_true",
+        help="Save the adapter of the evaluated step (0, every --validation_steps, the last) with the lowest "
+        "held-out loss instead of the last one. Needs held-out images.",
+    )
+    validation.add_argument(
+        "--num_drift_images",
+        type=int,
+        default=8,
+        help="Class images of the prior-drift measure (denoising loss with --class_prompt, base vs adapted): "
+        f"the first of --class_data_dir, else base-model samples made before training in <output_dir>/{DRIFT_FOLDER}. "
+        "0: no drift measure.",
+    )
     validation.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps.")
 
     adapter = parser.add_argument_group("adapter")
@@ -309,8 +351,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.num_validation_images < 0:
-        parser.error(f"--num_validation_images must be 0 or more, got {args.num_validation_images}")
+    for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.conv_rank is not None:
         if any(rank < 1 for rank in args.conv_rank):
             parser.error(f"--conv_rank must be positive integers, got {' '.join(map(str, args.conv_rank))}")
@@ -340,20 +383,21 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(
             f"--instance_prompt is required ({args.instance_data_dir} has no {PROMPTS_FILE} with one)"
         )
-    args.instance_prompts = None  # per instance image, with --instance_captions
+    check_heldout(parser, args, instance_images, prompts)
+    args.instance_prompts = None  # per training image, with --instance_captions
     if args.instance_captions:
+        captions = _captions(parser, prompts, "captions", Path(args.instance_data_dir))
         args.instance_prompts = []
-        for image in instance_images:
-            caption = image_caption(parser, image, prompts)
+        for image in map(Path, args.train_images):
+            caption = image_caption(image, captions)
             if caption is None:
                 parser.error(
                     f"--instance_captions: {image} has no caption (write {image.with_suffix('.txt').name} "
                     f'beside it, or add "{image.name}" to "captions" in {Path(args.instance_data_dir, PROMPTS_FILE)})'
                 )
             args.instance_prompts.append(caption)
-    args.class_prompt = args.class_prompt or (
-        prompts.get("class_prompt") if args.with_prior_preservation else None
-    )
+    # Read even without prior preservation: the prior-drift measure uses it.
+    args.class_prompt = args.class_prompt or prompts.get("class_prompt")
     if args.validation_prompt:
         args.validation_prompts = [args.validation_prompt]
     else:
@@ -369,11 +413,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             )
         if not args.class_prompt:
             parser.error("--with_prior_preservation needs --class_prompt")
-        if Path(args.class_data_dir).exists():
-            if not Path(args.class_data_dir).is_dir():
-                parser.error(f"--class_data_dir: {args.class_data_dir} is not a directory")
-            _check_images(parser, "--class_data_dir", _list_images(Path(args.class_data_dir)))
-    args.num_instance_images = len(instance_images)
+    # Class images serve prior preservation and the prior-drift measure.
+    uses_class_images = args.with_prior_preservation or args.num_drift_images and args.class_prompt
+    if uses_class_images and args.class_data_dir and Path(args.class_data_dir).exists():
+        if not Path(args.class_data_dir).is_dir():
+            parser.error(f"--class_data_dir: {args.class_data_dir} is not a directory")
+        _check_images(parser, "--class_data_dir", _list_images(Path(args.class_data_dir)))
+    args.num_instance_images = len(args.train_images)
+    if args.keep_best_heldout and not args.heldout_images:
+        parser.error(
+            "--keep_best_heldout needs held-out images: --heldout_data_dir, --num_heldout_images, or a "
+            f"{HELDOUT_FOLDER}/ folder of images in --instance_data_dir"
+        )
 
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", f"dreambooth-{args.adapter}")
@@ -444,15 +495,67 @@ def _read_prompts(parser: argparse.ArgumentParser, folder: Path) -> dict:
     return prompts if isinstance(prompts, dict) else {}
 
 
-def image_caption(parser: argparse.ArgumentParser, image: Path, prompts: dict) -> str | None:
+def check_heldout(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, instance_images: list[Path], prompts: dict
+) -> None:
+    """Split the images into args.train_images and args.heldout_images (with args.heldout_prompts).
+
+    Held-out images are never trained on: --num_heldout_images of the instance images (a choice fixed
+    by --seed) plus those of --heldout_data_dir (default: the instance folder's heldout/, which is
+    never trained on since only the files of the instance folder itself are).
+    """
+    count = args.num_heldout_images
+    if count >= len(instance_images):
+        parser.error(
+            f"--num_heldout_images {count}: {args.instance_data_dir} has {len(instance_images)} images and at "
+            "least one must train"
+        )
+    held = set(random.Random(args.seed).sample(range(len(instance_images)), count))
+    args.train_images = [str(path) for i, path in enumerate(instance_images) if i not in held]
+    heldout = [path for i, path in enumerate(instance_images) if i in held]
+
+    default = Path(args.instance_data_dir, HELDOUT_FOLDER)
+    if args.heldout_data_dir is None and default.is_dir() and _list_images(default):
+        args.heldout_data_dir = str(default)
+    folder_images = []
+    if args.heldout_data_dir is not None:
+        folder_images = _image_folder(parser, "--heldout_data_dir", args.heldout_data_dir)
+        if Path(args.heldout_data_dir).resolve() == Path(args.instance_data_dir).resolve():
+            parser.error(
+                f"--heldout_data_dir: {args.heldout_data_dir} is the instance folder; held-out images must be "
+                "ones that training never sees"
+            )
+    args.heldout_images = [str(path) for path in heldout + folder_images]
+
+    # Each held-out image is captioned as training would caption it: its own caption with
+    # --instance_captions (<stem>.txt, its folder's "captions", the instance folder's "heldout"), else
+    # the instance prompt.
+    args.heldout_prompts = [args.instance_prompt] * len(args.heldout_images)
+    if args.instance_captions:
+        instance_folder = Path(args.instance_data_dir)
+        own = _captions(parser, prompts, "captions", instance_folder)
+        listed = _captions(parser, prompts, "heldout", instance_folder)
+        if args.heldout_data_dir is not None:
+            folder = Path(args.heldout_data_dir)
+            listed = {**listed, **_captions(parser, _read_prompts(parser, folder), "captions", folder)}
+        for i, path in enumerate(heldout + folder_images):
+            captions = own if i < len(heldout) else listed
+            args.heldout_prompts[i] = image_caption(path, captions) or args.instance_prompt
+
+
+def _captions(parser: argparse.ArgumentParser, prompts: dict, key: str, folder: Path) -> dict:
+    captions = prompts.get(key, {})
+    if not isinstance(captions, dict):
+        parser.error(f'{folder / PROMPTS_FILE}: "{key}" must map image file names to captions')
+    return captions
+
+
+def image_caption(image: Path, captions: dict) -> str | None:
     """An image's own caption: `<stem>.txt` beside it (the kohya/diffusers convention), else its
-    entry in the folder's prompts.json "captions"; None if it has neither."""
+    entry in `captions` (file name -> caption, from a prompts.json); None if it has neither."""
     text_file = image.with_suffix(".txt")
     if text_file.is_file() and text_file.read_text().strip():
         return text_file.read_text().strip()
-    captions = prompts.get("captions", {})
-    if not isinstance(captions, dict):
-        parser.error(f'{image.parent / PROMPTS_FILE}: "captions" must map image file names to captions')
     caption = captions.get(image.name)
     return str(caption).strip() if caption else None
 
@@ -525,6 +628,7 @@ from diffusers import (  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 from diffusers.utils import make_image_grid  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
 
@@ -579,10 +683,42 @@ def load_pipeline(
 
 def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """diffusers' prior-preservation step: top up --class_data_dir to --num_class_images images."""
-    class_dir = Path(args.class_data_dir)
-    class_dir.mkdir(parents=True, exist_ok=True)
-    existing = len(list_images(class_dir))
-    missing = args.num_class_images - existing
+    generate_images(args, accelerator, Path(args.class_data_dir), args.num_class_images)
+
+
+def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> list[Path]:
+    """The class images of the prior-drift measure: the first --num_drift_images of --class_data_dir,
+    else samples of the base model for --class_prompt. Those are made here, before training (so
+    the base is the base), and kept in <output_dir>/drift_class_images for later and resumed runs."""
+    if not args.num_drift_images or not args.class_prompt:
+        return []
+    if args.class_data_dir and Path(args.class_data_dir).is_dir() and list_images(args.class_data_dir):
+        return list_images(args.class_data_dir)[: args.num_drift_images]
+    folder = Path(args.output_dir, DRIFT_FOLDER)
+    made_by = {
+        "class_prompt": args.class_prompt,
+        "base_model": display_name(args.pretrained_model_name_or_path),
+        "seed": args.seed,
+    }
+    made_by_file = folder / "made_by.json"  # written once all images are there
+    stale = folder.is_dir() and (
+        not made_by_file.is_file() or json.loads(made_by_file.read_text()) != made_by
+    )  # made for another prompt, model or seed, or unfinished
+    if accelerator.is_main_process and stale:
+        shutil.rmtree(folder)
+    accelerator.wait_for_everyone()
+    generate_images(args, accelerator, folder, args.num_drift_images)
+    if accelerator.is_main_process:
+        made_by_file.write_text(json.dumps(made_by))
+    return list_images(folder)[: args.num_drift_images]
+
+
+def generate_images(args: argparse.Namespace, accelerator: Accelerator, folder: Path, count: int) -> None:
+    """Top up `folder` to `count` samples of the base pipeline for --class_prompt, fixed seeds,
+    shared between the processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(list_images(folder))
+    missing = count - existing
     if missing <= 0:
         return
     on_gpu = accelerator.device.type == "cuda"
@@ -592,15 +728,15 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
     ]
     pipeline = load_pipeline(args, accelerator.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
-    logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {class_dir}")
+    logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {folder}")
     starts = list(range(0, missing, args.sample_batch_size))
     with accelerator.split_between_processes(starts) as my_starts:
         for start in tqdm(my_starts, desc="Class images", disable=not accelerator.is_local_main_process):
-            count = min(args.sample_batch_size, missing - start)
-            generators = [seeded_generator(NOISE_KEY, args.seed, 10**9 + start + i) for i in range(count)]
-            images = pipeline([args.class_prompt] * count, generator=generators).images
+            batch = min(args.sample_batch_size, missing - start)
+            generators = [seeded_generator(NOISE_KEY, args.seed, 10**9 + start + i) for i in range(batch)]
+            images = pipeline([args.class_prompt] * batch, generator=generators).images
             for i, image in enumerate(images):
-                image.save(class_dir / f"{existing + start + i:05d}-generated.png")
+                image.save(folder / f"{existing + start + i:05d}-generated.png")
     del pipeline
     accelerator.wait_for_everyone()
 
@@ -645,11 +781,58 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
+class HeldoutTrack:
+    """The held-out loss during training: its curve ([step, loss], step 0 = the base, None for a
+    non-finite loss) and, with --keep_best_heldout, a copy of the adapter at its lowest point.
+
+    (A plain class, not a dataclass: benchmarks load this script with importlib, outside sys.modules.)
+    """
+
+    def __init__(self) -> None:
+        self.curve: list[list] = []
+        self.kept_step: int | None = None
+        self.kept_tensors: dict[str, torch.Tensor] | None = None
+
+    def add(self, step: int, loss: float, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.curve.append([step, loss if math.isfinite(loss) else None])
+        if tensors is not None and self.best_step() == step:
+            self.kept_step = step
+            self.kept_tensors = {key: tensor.detach().to("cpu", copy=True) for key, tensor in tensors.items()}
+
+    def best_step(self) -> int | None:
+        """The evaluated step with the lowest loss (the earliest of equals)."""
+        finite = [point for point in self.curve if point[1] is not None]
+        return min(finite, key=lambda point: point[1])[0] if finite else None
+
+    def loss_at(self, step: int) -> float | None:
+        return next(loss for s, loss in self.curve if s == step)
+
+    def save(self, folder: Path) -> None:
+        (folder / "heldout.json").write_text(json.dumps({"curve": self.curve, "kept_step": self.kept_step}))
+        if self.kept_tensors is not None:
+            save_file(self.kept_tensors, folder / "kept_adapter.safetensors")
+
+    def load(self, folder: Path, step: int) -> None:
+        """Resume from the checkpoint of `step`: its curve, and the adapter it kept if any."""
+        if not (folder / "heldout.json").is_file():
+            return
+        saved = json.loads((folder / "heldout.json").read_text())
+        self.curve = [[s, loss] for s, loss in saved["curve"] if s <= step]
+        if saved["kept_step"] is not None and (folder / "kept_adapter.safetensors").is_file():
+            self.kept_step = saved["kept_step"]
+            self.kept_tensors = load_file(folder / "kept_adapter.safetensors")
+
+
 def save_checkpoint(
-    accelerator: Accelerator, args: argparse.Namespace, step: int, losses: list[float]
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    step: int,
+    losses: list[float],
+    heldout: HeldoutTrack,
 ) -> None:
-    """accelerate's state (adapter via the save hook, optimizer, scheduler) in checkpoint-<step>,
-    written under a temporary name first so a run killed while saving never leaves half a checkpoint."""
+    """accelerate's state (adapter via the save hook, optimizer, scheduler) in checkpoint-<step>, with
+    the loss curves and the best adapter so far, written under a temporary name first so a run
+    killed while saving never leaves half a checkpoint."""
     checkpoints = sorted(
         (p for p in Path(args.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
         key=lambda p: int(p.name.split("-")[1]),
@@ -663,6 +846,7 @@ def save_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     accelerator.save_state(str(partial))
     (partial / "losses.json").write_text(json.dumps(losses))
+    heldout.save(partial)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     logger.info(f"Saved state to {final}")
@@ -674,6 +858,19 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
     captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
+    fit = f"x{metrics['train_images_loss_after'] / metrics['train_images_loss_before']:.3f}"
+    ratio = metrics["heldout_loss_ratio"]
+    general = "n/a: no held-out images" if ratio is None else f"x{ratio:.3f}"
+    if metrics["prior_drift_percent"] is not None:
+        drift = f"{metrics['prior_drift_percent']:+.1f} %"
+    else:
+        drift = "n/a: no class prompt" if not args.class_prompt else "n/a: --num_drift_images 0"
+    kept = ""
+    if args.keep_best_heldout:
+        kept = (
+            f"\nThe adapter is that of step {metrics['adapter_step']}, the lowest held-out loss of the "
+            "evaluations (`heldout_curve` in `metrics.json`).\n"
+        )
     metrics = {
         k: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
     }
@@ -699,10 +896,14 @@ pipe.load_adapter("{args.output_dir}")
 image = pipe("{args.validation_prompt}").images[0]
 ```
 
-| | base model | with the adapter |
-| --- | --- | --- |
-| held-out denoising loss on the subject images | {metrics["heldout_loss_before"]} | {metrics["heldout_loss_after"]} |
+Denoising loss (fixed timesteps and noise; lower: the model predicts those images better):
 
+| images | base model | with the adapter | change |
+| --- | --- | --- | --- |
+| training images (fit), {metrics["num_train_images"]} | {metrics["train_images_loss_before"]} | {metrics["train_images_loss_after"]} | {fit} |
+| held-out images (generalisation), {metrics["num_heldout_images"]} training never saw | {metrics["heldout_loss_before"]} | {metrics["heldout_loss_after"]} | {general} |
+| class images (prior drift), {metrics["num_drift_images"]} of "{args.class_prompt or "n/a"}" | {metrics["class_loss_before"]} | {metrics["class_loss_after"]} | {drift} |
+{kept}
 Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} at the start,
 {metrics["loss_end"]} at the end. Details in `metrics.json`.
 """
@@ -752,6 +953,7 @@ def main(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
+    drift_images = drift_class_images(args, accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -864,7 +1066,7 @@ def main(args: argparse.Namespace) -> dict:
     )
 
     train_dataset = DreamBoothDataset(
-        instance_images=list_images(args.instance_data_dir),
+        instance_images=args.train_images,
         instance_prompt=args.instance_prompt,
         tokenizer=tokenizer,
         resolution=args.resolution,
@@ -907,7 +1109,12 @@ def main(args: argparse.Namespace) -> dict:
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if accelerator.is_main_process:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        per_image = ("train_images", "instance_prompts", "heldout_images", "heldout_prompts")  # too long
+        config = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in vars(args).items()
+            if k not in per_image
+        }
         accelerator.init_trackers("dreambooth-liera", config=config)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -923,6 +1130,40 @@ def main(args: argparse.Namespace) -> dict:
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Num held-out images = {len(args.heldout_images)} (never trained on)")
+
+    # The held-out loss, evaluated before training, every --validation_steps and at the end, on the
+    # main process only (the unwrapped models: no collective operation, so no process waits on it).
+    heldout_images = [load_rgb(path) for path in args.heldout_images]
+    heldout = HeldoutTrack()
+
+    def evaluate_heldout(step: int) -> None:
+        models = [accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)]
+        modes = [model.training for model in models]
+        for model in models:
+            model.eval()
+        with accelerator.autocast():
+            loss = denoising_loss(
+                models[0],
+                vae,
+                models[1],
+                tokenizer,
+                noise_scheduler,
+                heldout_images,
+                args.heldout_prompts,
+                args.resolution,
+                seed=args.seed,
+            )
+        for model, mode in zip(models, modes):
+            model.train(mode)
+        tensors = None
+        if args.keep_best_heldout:
+            tensors = {}
+            for component, model in trained.items():
+                tensors.update(plugin.adapter_state_dict(model, ADAPTER_NAME, prefix=f"{component}."))
+        heldout.add(step, loss, tensors)
+        accelerator.log({"heldout_loss": loss}, step=step)
+        logger.info(f"Held-out denoising loss at step {step}: {loss:.4f}")
 
     global_step, first_epoch, losses = 0, 0, []
     if args.resume_from_checkpoint:
@@ -940,12 +1181,20 @@ def main(args: argparse.Namespace) -> dict:
             first_epoch = global_step // num_update_steps_per_epoch
             if (path / "losses.json").is_file():
                 losses = json.loads((path / "losses.json").read_text())[:global_step]
+            heldout.load(path, global_step)
+            if args.keep_best_heldout and heldout.kept_tensors is None:
+                logger.warning(
+                    f"{path} holds no kept adapter (made without --keep_best_heldout?): the adapter saved "
+                    f"will be the best of the evaluations from step {global_step} on, if one beats the earlier ones"
+                )
     # Batches (per process) of the first epoch that the checkpoint has already trained on.
     resume_batches = min(
         (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps, len(train_dataloader)
     )
 
     validation = args.num_validation_images > 0
+    if heldout_images and global_step == 0 and accelerator.is_main_process:
+        evaluate_heldout(0)
     if validation and global_step == 0 and accelerator.is_main_process:
         log_validation(training_pipeline(), args, accelerator, "before", step=0)
 
@@ -1025,8 +1274,13 @@ def main(args: argparse.Namespace) -> dict:
                 accelerator.log({"train_loss": losses[-1]}, step=global_step)
                 step_losses = []
                 if accelerator.is_main_process:
+                    # Before the checkpoint, which keeps the held-out curve.
+                    if heldout_images and (
+                        global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+                    ):
+                        evaluate_heldout(global_step)
                     if global_step % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, global_step, losses)
+                        save_checkpoint(accelerator, args, global_step, losses, heldout)
                     if (
                         validation
                         and global_step % args.validation_steps == 0
@@ -1043,7 +1297,7 @@ def main(args: argparse.Namespace) -> dict:
     train_seconds = time.time() - loop_start
 
     # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
-    # and measure the held-out loss with the adapter off (the base model) and on.
+    # and measure the denoising losses with the adapter off (the base model) and on.
     accelerator.wait_for_everyone()
     if not all(torch.isfinite(p).all() for p in params_to_optimize):
         raise SystemExit(
@@ -1064,6 +1318,15 @@ def main(args: argparse.Namespace) -> dict:
         )
     metrics = {}
     if accelerator.is_main_process:
+        adapter_step = global_step
+        if args.keep_best_heldout and heldout.kept_tensors is not None:
+            # The live adapter of this (main) process becomes the best one: training is over.
+            copy_adapter_tensors(heldout.kept_tensors, trained, ADAPTER_NAME)
+            adapter_step = heldout.kept_step
+            logger.info(
+                f"Keeping the adapter of step {adapter_step}, the lowest held-out loss "
+                f"({heldout.loss_at(adapter_step):.4f}; --keep_best_heldout)"
+            )
         adapter_path = plugin.save_adapter(
             Path(args.output_dir, ADAPTER_FILENAME), trained, ADAPTER_NAME, base_model=display_name(base)
         )
@@ -1071,26 +1334,56 @@ def main(args: argparse.Namespace) -> dict:
         pipeline = load_pipeline(args, accelerator.device, weight_dtype)
         plugin.load_adapter(adapter_path, {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
 
-        heldout = {}
-        images = [load_rgb(path) for path in list_images(args.instance_data_dir)]
-        for label, enabled in [("before", False), ("after", True)]:
-            plugin.enable_adapters(pipeline.unet, enabled)
-            plugin.enable_adapters(pipeline.text_encoder, enabled)
-            with accelerator.autocast():
-                heldout[label] = denoising_loss(
-                    pipeline.unet,
-                    pipeline.vae,
-                    pipeline.text_encoder,
-                    pipeline.tokenizer,
-                    noise_scheduler,
-                    images,
-                    args.instance_prompts or args.instance_prompt,
-                    args.resolution,
-                    seed=args.seed,
-                )
-        logger.info(
-            f"Held-out denoising loss on the subject: {heldout['before']:.4f} -> {heldout['after']:.4f}"
-        )
+        def before_after(images: list[Image.Image], prompts: str | list[str]) -> tuple[float, float]:
+            """The denoising loss of the base model and of the saved adapter: same images, timesteps, noise."""
+            losses_of = []
+            for enabled in [False, True]:
+                plugin.enable_adapters(pipeline.unet, enabled)
+                plugin.enable_adapters(pipeline.text_encoder, enabled)
+                with accelerator.autocast():
+                    losses_of.append(
+                        denoising_loss(
+                            pipeline.unet,
+                            pipeline.vae,
+                            pipeline.text_encoder,
+                            pipeline.tokenizer,
+                            noise_scheduler,
+                            images,
+                            prompts,
+                            args.resolution,
+                            seed=args.seed,
+                        )
+                    )
+            return losses_of[0], losses_of[1]
+
+        train_images = [load_rgb(path) for path in args.train_images]
+        fit = before_after(train_images, args.instance_prompts or args.instance_prompt)
+        logger.info(f"Denoising loss on the training images (fit): {fit[0]:.4f} -> {fit[1]:.4f}")
+        general = before_after(heldout_images, args.heldout_prompts) if heldout_images else (None, None)
+        if heldout_images:
+            logger.info(
+                f"Held-out denoising loss on {len(heldout_images)} images training never saw (generalisation): "
+                f"{general[0]:.4f} -> {general[1]:.4f} (x{general[1] / general[0]:.3f})"
+            )
+        else:
+            logger.info(
+                "Held-out denoising loss: not measured, no held-out images (give some with --heldout_data_dir, "
+                f"a {HELDOUT_FOLDER}/ folder in --instance_data_dir, or --num_heldout_images N)"
+            )
+        drift = (None, None)
+        if drift_images:
+            drift = before_after([load_rgb(path) for path in drift_images], args.class_prompt)
+            logger.info(
+                f"Prior drift, denoising loss on {len(drift_images)} class images with {args.class_prompt!r}: "
+                f"{drift[0]:.4f} -> {drift[1]:.4f} ({100 * (drift[1] / drift[0] - 1):+.1f} %)"
+            )
+        elif not args.class_prompt:
+            logger.info(
+                f"Prior drift: not measured, no class prompt (give --class_prompt, or class_prompt in "
+                f"{Path(args.instance_data_dir, PROMPTS_FILE)})"
+            )
+        else:
+            logger.info("Prior drift: not measured (--num_drift_images 0)")
         if validation:
             log_validation(pipeline, args, accelerator, "final", args.max_train_steps)
             folder = Path(args.output_dir, "validation")
@@ -1113,8 +1406,22 @@ def main(args: argparse.Namespace) -> dict:
             "loss_start": round(float(np.mean(losses[:window])), 6) if losses else None,
             "loss_end": round(float(np.mean(losses[-window:])), 6) if losses else None,
             "loss_window": window,
-            "heldout_loss_before": heldout["before"],
-            "heldout_loss_after": heldout["after"],
+            "num_train_images": len(train_images),
+            "train_images_loss_before": fit[0],
+            "train_images_loss_after": fit[1],
+            "num_heldout_images": len(heldout_images),
+            "heldout_loss_before": general[0],
+            "heldout_loss_after": general[1],
+            "heldout_loss_ratio": general[1] / general[0] if heldout_images else None,
+            "num_drift_images": len(drift_images),
+            "class_loss_before": drift[0],
+            "class_loss_after": drift[1],
+            "prior_drift_percent": 100 * (drift[1] / drift[0] - 1) if drift_images else None,
+            # The held-out loss during training (step 0: the base); the adapter saved is that of the
+            # last step, or of best_step with --keep_best_heldout. A resumed run's curve comes from its checkpoint.
+            "heldout_curve": heldout.curve if heldout_images else None,
+            "best_step": heldout.best_step(),
+            "adapter_step": adapter_step,
             "max_abs_diff_between_ranks": rank_difference,
             "losses": [round(x, 6) for x in losses],
         }
