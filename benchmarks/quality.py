@@ -84,6 +84,9 @@ SUBJECTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 RECIPES: dict[str, str] = {
     "defaults": "",
     "lr1e-3-400": "--learning_rate 1e-3 --max_train_steps 400",
+    "lr2e-3-400": "--learning_rate 2e-3 --max_train_steps 400",
+    "lr3e-3-400": "--learning_rate 3e-3 --max_train_steps 400",
+    "lr5e-3-400": "--learning_rate 5e-3 --max_train_steps 400",
     "lr3e-4-400-warmup": "--learning_rate 3e-4 --max_train_steps 400 --lr_scheduler constant_with_warmup "
     "--lr_warmup_steps 40",
     "lr1e-4-400-warmup": "--learning_rate 1e-4 --max_train_steps 400 --lr_scheduler constant_with_warmup "
@@ -278,6 +281,7 @@ def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
         "--train_batch_size", str(args.train_batch_size),
         "--num_validation_images", "0",
         "--checkpointing_steps", "1000000",
+        "--num_drift_images", "0",  # the judge measures drift itself
     ]  # fmt: skip
     argv += ["--rank", str(rank)] if rank is not None else []
     argv += ["--conv_rank", *map(str, conv_rank)] if conv_rank is not None else []
