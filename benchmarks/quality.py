@@ -93,6 +93,10 @@ RECIPES: dict[str, str] = {
     "--lr_warmup_steps 40",
     "prior-lr1e-3-400": "--with_prior_preservation --learning_rate 1e-3 --max_train_steps 400",
     "te-lr1e-3-400": "--train_text_encoder --learning_rate 1e-3 --max_train_steps 400",
+    "te-prior-lr1e-3-400": "--train_text_encoder --with_prior_preservation --learning_rate 1e-3 "
+    "--max_train_steps 400",
+    "te-captions-prior-lr1e-3-400": "--train_text_encoder --instance_captions --with_prior_preservation "
+    "--learning_rate 1e-3 --max_train_steps 400",
     "captions-lr1e-3-400": "--instance_captions --learning_rate 1e-3 --max_train_steps 400",
     "captions-prior-lr1e-3-400": "--instance_captions --with_prior_preservation --learning_rate 1e-3 "
     "--max_train_steps 400",
@@ -132,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument("--name", default="quality", help="Stem of the results files.")
     parser.add_argument("--no-plot", action="store_true", help="No plot and no sample grid.")
+    parser.add_argument(
+        "--no-train", action="store_true", help="Report only the runs already trained (a partial benchmark)."
+    )
     parser.add_argument("--quick", action="store_true", help="3 subjects, 1 seed, 100 steps, fewer samples.")
     args = parser.parse_args(argv)
     if args.quick:
@@ -270,6 +277,8 @@ def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
         return json.loads((output / "metrics.json").read_text())
     if (output / "diverged.txt").is_file():
         return {"diverged": (output / "diverged.txt").read_text()}
+    if args.no_train:
+        return {"missing": True}
     rank, conv_rank = BUDGETS[budget][method]
     subject_dir = write_subject_folder(index, Path(args.work_dir, "subjects", subject_info(index)["slug"]))
     argv = [
@@ -657,6 +666,8 @@ def main(argv: list[str] | None = None) -> dict:
         recipe, method, budget, index, seed = job
         metrics = train(args, script, judge, job)
         gc.collect()
+        if "missing" in metrics:
+            continue
         if "diverged" in metrics:
             diverged.append({"recipe": recipe, "method": method, "budget": budget, "subject": index, "seed": seed,
                              "message": metrics["diverged"]})  # fmt: skip
