@@ -95,6 +95,14 @@ RECIPES: dict[str, str] = {
     "te-lr1e-3-400": "--train_text_encoder --learning_rate 1e-3 --max_train_steps 400",
     "te-prior-lr1e-3-400": "--train_text_encoder --with_prior_preservation --learning_rate 1e-3 "
     "--max_train_steps 400",
+    "te-prior-lr1e-3-800": "--train_text_encoder --with_prior_preservation --learning_rate 1e-3 "
+    "--max_train_steps 800",
+    "te-prior-lr2e-3-400": "--train_text_encoder --with_prior_preservation --learning_rate 2e-3 "
+    "--max_train_steps 400",
+    "te-prior-lr3e-3-400": "--train_text_encoder --with_prior_preservation --learning_rate 3e-3 "
+    "--max_train_steps 400",
+    "te-prior-lr5e-3-400": "--train_text_encoder --with_prior_preservation --learning_rate 5e-3 "
+    "--max_train_steps 400",
     "te-captions-prior-lr1e-3-400": "--train_text_encoder --instance_captions --with_prior_preservation "
     "--learning_rate 1e-3 --max_train_steps 400",
     "captions-lr1e-3-400": "--instance_captions --learning_rate 1e-3 --max_train_steps 400",
