@@ -69,14 +69,14 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     base = build_tiny_pipeline(tmp_path / "tiny-sd")
     argv = [
         "--base", str(base), "--subjects", "6", "--methods", "liera", "--budgets", "small", "--seeds", "0",
-        "--recipes", "plain=--learning_rate 1e-3", "prior=--with_prior_preservation",
+        "--recipes", "plain=--no-with_prior_preservation --no-train_text_encoder", "defaults",
         "--max-train-steps", "2", "--train-batch-size", "1", "--num-prompts", "2", "--subject-samples", "2",
         "--class-images", "2", "--eval-timesteps", "2", "--eval-noises", "1", "--inference-steps", "2",
         "--work-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"),
     ]  # fmt: skip
     payload = quality.main(argv)
 
-    assert [run["recipe"] for run in payload["runs"]] == ["plain", "prior"]
+    assert [run["recipe"] for run in payload["runs"]] == ["plain", "defaults"]
     for run in payload["runs"]:
         assert run["method"] == "liera" and run["params"] > 0 and run["subject"] == "orange cross"
         for key in (
@@ -92,7 +92,8 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     prompts = json.loads((subject / "prompts.json").read_text())
     assert len(list(subject.glob("*.png"))) == len(list((subject / "heldout").glob("*.png"))) == quality.VIEWS
     assert not set(prompts["training_backgrounds"]) & set(prompts["unseen_backgrounds"])
-    # Prior preservation trained on class images the base generated once for the subject's class.
+    # The defaults (prior preservation, text encoder adapted) trained on class images the base generated
+    # once for the subject's class, and the judge loaded the text encoder's adapters too.
     assert len(list((tmp_path / "runs" / "class" / "cross").glob("*.png"))) == quality.CLASS_IMAGES
     out = tmp_path / "out"
     assert "held-out fit ×base" in (out / "quality.md").read_text()

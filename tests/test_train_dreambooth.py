@@ -52,6 +52,8 @@ def train_args(tiny: dict[str, Path], output_dir: Path, method: str = "liera", *
         "--checkpointing_steps", "2",
         "--num_validation_images", "0",
         "--num_drift_images", "2",
+        "--num_class_images", "2",  # prior preservation is on by default
+        "--no-train_text_encoder",  # on by default; the tests load the files into a UNet alone
         *extra,
     ]  # fmt: skip
 
@@ -214,7 +216,7 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     (subject / "prompts.json").write_text(json.dumps(prompts))
     output_dir = tiny["root"] / "heldout-instances"
     output = run(train_args(tiny, output_dir, "liera", "--instance_data_dir", str(subject),
-                            "--num_heldout_images", "1"))  # fmt: skip
+                            "--num_heldout_images", "1", "--no-with_prior_preservation"))  # fmt: skip
     assert "Num examples = 2" in output and "Num held-out images = 3" in output
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert (metrics["num_train_images"], metrics["num_heldout_images"]) == (2, 3)
@@ -331,8 +333,14 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     shutil.copytree(tiny["subject"], no_heldout, ignore=shutil.ignore_patterns("heldout"))
     message = refusal(script, capsys, [*base, "--instance_data_dir", str(no_heldout), "--keep_best_heldout"])
     assert "--keep_best_heldout needs held-out images" in message
-    message = refusal(script, capsys, [*base, *data, "--with_prior_preservation"])
-    assert "--class_data_dir" in message
+    classless = tmp_path / "classless"
+    shutil.copytree(tiny["subject"], classless)
+    prompts = json.loads((classless / "prompts.json").read_text())
+    del prompts["class_prompt"]
+    (classless / "prompts.json").write_text(json.dumps(prompts))
+    message = refusal(script, capsys, [*base, "--instance_data_dir", str(classless)])
+    assert "prior preservation (on by default) needs a class prompt" in message
+    assert "--class_prompt" in message and "--no-with_prior_preservation" in message
     assert "--conv_rank" in refusal(
         script, capsys, [*base, *data, "--adapter", "lora", "--conv_rank", "4", "4", "1", "1"]
     )
@@ -370,6 +378,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
     assert [Path(p).name for p in args.heldout_images] == ["0.png", "1.png"]
     assert args.heldout_prompts == ["a sks circle"] * 2
     assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
+    # Prior preservation and the text encoder's adapters are on by default (benchmarks/quality.py's sweep).
+    assert args.with_prior_preservation and args.train_text_encoder
+    assert args.class_data_dir == os.path.join("outputs", "dreambooth-liera", "class_images")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
     assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
 
