@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # Fine-tunes the shipped toy base on the shipped subject (CPU, about five minutes).
 train: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_scripts/train_dreambooth_liera.py --output_dir outputs/dreambooth-liera
+		--num_cpu_threads_per_process 2 train_scripts/train_dreambooth_liera.py --output_dir outputs/dreambooth-liera
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

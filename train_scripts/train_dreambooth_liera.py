@@ -153,6 +153,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Precision for generating class images (default fp16 on a GPU, else fp32).",
     )
     model.add_argument(
+        "--prior_generation_steps",
+        type=int,
+        default=25,
+        help="Sampling steps (DPM-Solver++) per generated class image: half the pipeline's usual 50, as "
+        "fast and as good for class images.",
+    )
+    model.add_argument(
         "--resolution",
         type=int,
         default=None,
@@ -357,7 +364,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         _positive(parser, args, name)
     for name in ["rank", "checkpointing_steps", "validation_steps", "validation_inference_steps"]:
         _positive(parser, args, name)
-    for name in ["sample_batch_size", "num_class_images", "checkpoints_total_limit", "resolution"]:
+    for name in [
+        "sample_batch_size",
+        "num_class_images",
+        "prior_generation_steps",
+        "checkpoints_total_limit",
+        "resolution",
+    ]:
         _positive(parser, args, name)
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
@@ -743,6 +756,7 @@ def generate_images(args: argparse.Namespace, accelerator: Accelerator, folder: 
         precision
     ]
     pipeline = load_pipeline(args, accelerator.device, dtype)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {folder}")
     starts = list(range(0, missing, args.sample_batch_size))
@@ -750,7 +764,10 @@ def generate_images(args: argparse.Namespace, accelerator: Accelerator, folder: 
         for start in tqdm(my_starts, desc="Class images", disable=not accelerator.is_local_main_process):
             batch = min(args.sample_batch_size, missing - start)
             generators = [seeded_generator(NOISE_KEY, args.seed, 10**9 + start + i) for i in range(batch)]
-            images = pipeline([args.class_prompt] * batch, generator=generators).images
+            prompts = [args.class_prompt] * batch
+            images = pipeline(
+                prompts, num_inference_steps=args.prior_generation_steps, generator=generators
+            ).images
             for i, image in enumerate(images):
                 image.save(folder / f"{existing + start + i:05d}-generated.png")
     del pipeline
