@@ -41,6 +41,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -432,18 +433,23 @@ class Judge:
                 verdicts[kind] = [analyse_subject(image, info) for image in samples[kind]]
             unseen = self.subject_prompts(index)["unseen backgrounds"]
             every = [v for kind in verdicts.values() for v in kind]
+            class_images = class_objects(info["shape"], self.args.class_images)
+            backgrounds_kept = [
+                analyse(image).background == parse_prompt(prompt)["background"]
+                for image, prompt in zip(samples["unseen backgrounds"], unseen)
+            ]
             metrics = {
                 "train_loss": self.loss(train_views, list(prompts["captions"].values())),
                 "heldout_loss": self.loss(heldout_views, list(prompts["heldout"].values())),
-                "class_loss": self.loss(class_objects(info["shape"], self.args.class_images), [info["class_prompt"]] * self.args.class_images),
+                "class_loss": self.loss(class_images, [info["class_prompt"]] * len(class_images)),
                 "prompt_accuracy": accuracy["all"],
-                **{f"rate_{kind.split()[0]}": sum(v["is_subject"] for v in vs) / len(vs) for kind, vs in verdicts.items()},
-                "shape_kept": sum(v["shape_ok"] for v in every) / len(every),
-                "background_kept": sum(
-                    analyse(image).background == parse_prompt(prompt)["background"]
-                    for image, prompt in zip(samples["unseen backgrounds"], unseen)
-                ) / len(unseen),
-            }  # fmt: skip
+                **{
+                    f"rate_{kind.split()[0]}": fmean(v["is_subject"] for v in vs)
+                    for kind, vs in verdicts.items()
+                },
+                "shape_kept": fmean(v["shape_ok"] for v in every),
+                "background_kept": fmean(backgrounds_kept),
+            }
         finally:
             for model in (self.pipe.unet, self.pipe.text_encoder):
                 if "judged" in plugin.list_adapters(model):
