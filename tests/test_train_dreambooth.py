@@ -116,6 +116,10 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     # Fit on the 3 training images, generalisation to the 2 of heldout/, drift on 2 generated class images.
     counts = [metrics[f"num_{kind}_images"] for kind in ["train", "heldout", "drift"]]
     assert counts == [3, 2, 2]
+    # Prior preservation (on by default) trains on class_images/; the drift is measured on other samples.
+    trained_on = {path.read_bytes() for path in (output_dir / "class_images").glob("*.png")}
+    drift = list((output_dir / "drift_class_images").glob("*.png"))
+    assert len(trained_on) == len(drift) == 2 and not trained_on & {path.read_bytes() for path in drift}
     for name in ["train_images_loss", "heldout_loss", "class_loss"]:
         assert 0 < metrics[f"{name}_before"] < math.inf and 0 < metrics[f"{name}_after"] < math.inf, name
     assert metrics["heldout_loss_ratio"] == pytest.approx(

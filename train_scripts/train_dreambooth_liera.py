@@ -60,6 +60,7 @@ DEFAULT_LEARNING_RATES = {"liera": 5e-3, "flora": 3e-3, "lora": 1e-3}
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
+DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +307,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=8,
         help="Class images of the prior-drift measure (denoising loss with --class_prompt, base vs adapted): "
-        f"the first of --class_data_dir, else base-model samples made before training in <output_dir>/{DRIFT_FOLDER}. "
-        "0: no drift measure.",
+        "never trained on: from --class_data_dir (with prior preservation, after the --num_class_images it "
+        f"trains on), else base-model samples made before training in <output_dir>/{DRIFT_FOLDER}. 0: no drift "
+        "measure.",
     )
     validation.add_argument("--validation_inference_steps", type=int, default=25, help="Sampling steps.")
 
@@ -716,18 +718,25 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
 
 
 def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> list[Path]:
-    """The class images of the prior-drift measure: the first --num_drift_images of --class_data_dir,
-    else samples of the base model for --class_prompt. Those are made here, before training (so
-    the base is the base), and kept in <output_dir>/drift_class_images for later and resumed runs."""
+    """The class images of the prior-drift measure, never trained on: --num_drift_images of
+    --class_data_dir (with prior preservation, those after the --num_class_images it trains on), else
+    samples of the base model for --class_prompt with seeds the class images don't use. Those are
+    made here, before training (so the base is the base), and kept in <output_dir>/drift_class_images
+    for later and resumed runs."""
     if not args.num_drift_images or not args.class_prompt:
         return []
-    if args.class_data_dir and Path(args.class_data_dir).is_dir() and list_images(args.class_data_dir):
-        return list_images(args.class_data_dir)[: args.num_drift_images]
+    if args.class_data_dir and Path(args.class_data_dir).is_dir():
+        unused = list_images(args.class_data_dir)[
+            args.num_class_images if args.with_prior_preservation else 0 :
+        ]
+        if unused:
+            return unused[: args.num_drift_images]
     folder = Path(args.output_dir, DRIFT_FOLDER)
     made_by = {
         "class_prompt": args.class_prompt,
         "base_model": display_name(args.pretrained_model_name_or_path),
         "seed": args.seed,
+        "first_sample": DRIFT_FIRST_SAMPLE,
     }
     made_by_file = folder / "made_by.json"  # written once all images are there
     stale = folder.is_dir() and (
@@ -736,13 +745,15 @@ def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> li
     if accelerator.is_main_process and stale:
         shutil.rmtree(folder)
     accelerator.wait_for_everyone()
-    generate_images(args, accelerator, folder, args.num_drift_images)
+    generate_images(args, accelerator, folder, args.num_drift_images, DRIFT_FIRST_SAMPLE)
     if accelerator.is_main_process:
         made_by_file.write_text(json.dumps(made_by))
     return list_images(folder)[: args.num_drift_images]
 
 
-def generate_images(args: argparse.Namespace, accelerator: Accelerator, folder: Path, count: int) -> None:
+def generate_images(
+    args: argparse.Namespace, accelerator: Accelerator, folder: Path, count: int, first_sample: int = 10**9
+) -> None:
     """Top up `folder` to `count` samples of the base pipeline for --class_prompt, fixed seeds,
     shared between the processes."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -763,7 +774,9 @@ def generate_images(args: argparse.Namespace, accelerator: Accelerator, folder: 
     with accelerator.split_between_processes(starts) as my_starts:
         for start in tqdm(my_starts, desc="Class images", disable=not accelerator.is_local_main_process):
             batch = min(args.sample_batch_size, missing - start)
-            generators = [seeded_generator(NOISE_KEY, args.seed, 10**9 + start + i) for i in range(batch)]
+            generators = [
+                seeded_generator(NOISE_KEY, args.seed, first_sample + start + i) for i in range(batch)
+            ]
             prompts = [args.class_prompt] * batch
             images = pipeline(
                 prompts, num_inference_steps=args.prior_generation_steps, generator=generators
