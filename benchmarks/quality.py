@@ -3,8 +3,8 @@
 
     python benchmarks/quality.py                    # 8 subjects x 3 methods x 3 seeds, the script's defaults
     python benchmarks/quality.py --quick            # 3 subjects, 1 seed, 100 steps: a smoke run
-    python benchmarks/quality.py --shard 0/2 & python benchmarks/quality.py --shard 1/2; \\
-        python benchmarks/quality.py                # both cores, then the tables from the cached runs
+    python benchmarks/quality.py --shard 0/2 & python benchmarks/quality.py --shard 1/2; wait
+    python benchmarks/quality.py                    # both cores above, then the tables from the cached runs
     python benchmarks/quality.py --recipes defaults lr3e-4="--learning_rate 3e-4" --name sweep
 
 Every run is `train_scripts/train_dreambooth_liera.py` itself (`main(parse_args([...]))`, the code path
