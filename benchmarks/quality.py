@@ -428,10 +428,11 @@ class Judge:
             texts = [p["prompt"] for p in self.prompts]
             accuracy = score_images(self.generate(texts, [p["seed"] for p in self.prompts]), texts)
             samples, verdicts = {}, {}
-            for kind, kind_prompts in self.subject_prompts(index).items():
+            subject_prompts = self.subject_prompts(index)
+            for kind, kind_prompts in subject_prompts.items():
                 samples[kind] = self.generate(kind_prompts, list(range(len(kind_prompts))))
                 verdicts[kind] = [analyse_subject(image, info) for image in samples[kind]]
-            unseen = self.subject_prompts(index)["unseen backgrounds"]
+            unseen = subject_prompts["unseen backgrounds"]
             every = [v for kind in verdicts.values() for v in kind]
             class_images = class_objects(info["shape"], self.args.class_images)
             backgrounds_kept = [
