@@ -11,15 +11,46 @@ import json
 import re
 from dataclasses import dataclass, field
 
-COMPOSITIONS = ("additive", "lie")
+COMPOSITIONS = ("additive", "lie", "dora")
 LIE_MAPS = ("exp", "linear")
-BACKENDS = ("lowrank", "tucker", "cp")
+BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")
 
-# method -> (composition, backend for Linear, backend for convolutions)
-METHODS: dict[str, tuple[str, str, str]] = {
-    "lora": ("additive", "lowrank", "lowrank"),
-    "flora": ("additive", "tucker", "tucker"),
-    "liera": ("lie", "lowrank", "tucker"),
+
+@dataclass(frozen=True)
+class Preset:
+    """A method from the literature: a composition, a backend (for Linear layers and for convs) and
+    the paper's own initialisation and scale. Any field can be overridden in `AdapterConfig`."""
+
+    composition: str
+    backend: str
+    conv_backend: str | None = None  # None: the same as `backend`
+    lie_map: str = "exp"
+    init: str | None = None  # the backend's initialisation, where it has a choice
+    blocks: int | None = None  # channel blocks of blockdiag/blocklowrank
+    vectors: str | None = None  # which rowcol vectors exist
+    scale: float = 1.0
+    paper: str = ""
+
+
+METHODS: dict[str, Preset] = {
+    "lora": Preset("additive", "lowrank", paper="LoRA (Hu et al. 2021)"),
+    "flora": Preset("additive", "tucker", paper="FLoRA (Si et al. 2024): Tucker update of N-d kernels"),
+    "liera": Preset("lie", "lowrank", "tucker", paper="LieRA: W ⊙ exp(s·D), Tucker on convs"),
+    "hira": Preset("lie", "lowrank", lie_map="linear", paper="HiRA (Huang et al. 2025): W + W ⊙ (B A)"),
+    "abba": Preset(
+        "additive", "hadamard", init="abba", paper="ABBA (Singhal et al. 2025): s (B1 A1) ⊙ (B2 A2)"
+    ),
+    "loha": Preset("additive", "hadamard", init="loha", paper="LoHa (LyCORIS): ABBA's update, LoHa's init"),
+    "bhra": Preset("lie", "blocklowrank", lie_map="linear", blocks=2, paper="BHRA: W + W ⊙ block-LoRA"),
+    "gralora": Preset("additive", "blocklowrank", blocks=2, paper="GraLoRA (Jung et al. 2025): k x k LoRAs"),
+    "diablo": Preset("additive", "blockdiag", blocks=64, paper="DiaBlo (2025): diagonal blocks only"),
+    "ssb": Preset("lie", "rowcol", vectors="both", paper="SSB / HyperAdapt: diag(a) W diag(b)"),
+    "ssl": Preset("lie", "rowcol", lie_map="linear", vectors="col", paper="SSL: W diag(b)"),
+    "ia3": Preset(
+        "lie", "rowcol", lie_map="linear", vectors="row", paper="(IA)³ (Liu et al. 2022): diag(l) W"
+    ),
+    "dora": Preset("dora", "lowrank", paper="DoRA (Liu et al. 2024)"),
+    "dora-flora": Preset("dora", "tucker", paper="DoRA's magnitude on a FLoRA (Tucker) update"),
 }
 
 # Module-name patterns (regexes matched against the end of a dotted module path).
@@ -56,32 +87,40 @@ Rank = int | list[int]
 
 @dataclass
 class AdapterConfig:
-    """How to build one named adapter.
+    """How to build one named adapter: a preset (`method`, see `METHODS`) and any overrides.
 
     `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may
     be a list of per-mode Tucker ranks `[out, in, k_0, k_1, ...]` (a shorter list repeats its last
     entry over the remaining kernel modes). Ranks are clipped to each mode's size. `rank_pattern`
     overrides the rank of modules whose name matches a pattern, like PEFT's. With `alpha` set the
-    scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`.
+    scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`. `init`,
+    `blocks` and `vectors` go to the backends that have them (`blocks` is clipped per layer to a
+    divisor of both channel counts). Unset fields take the preset's values.
     """
 
     method: str = "liera"
     composition: str | None = None
     backend: str | None = None
-    lie_map: str = "exp"
+    lie_map: str | None = None
     rank: Rank = 8
     conv_rank: Rank | None = None
     rank_pattern: dict[str, Rank] = field(default_factory=dict)
     alpha: float | None = None
-    scale: float = 1.0
+    scale: float | None = None
+    init: str | None = None
+    blocks: int | None = None
+    vectors: str | None = None
     targets: str | list[str] = "attn+conv"
     base_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown adapter method {self.method!r}; choose one of {sorted(METHODS)}")
-        if self.composition is None:
-            self.composition = METHODS[self.method][0]
+        preset = METHODS[self.method]
+        explicit = {name for name, value in self.backend_options().items() if value is not None}
+        for name in ("composition", "lie_map", "init", "blocks", "vectors", "scale"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(preset, name))
         if self.composition not in COMPOSITIONS:
             raise ValueError(f"unknown composition {self.composition!r}; choose one of {COMPOSITIONS}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -99,6 +138,12 @@ class AdapterConfig:
                 f"unknown targets preset {self.targets!r}; choose one of {sorted(TARGET_PRESETS)} "
                 "or pass a list of module-name patterns"
             )
+        from .backends import BACKEND_CLASSES, accepted_options  # backends import this module
+
+        chosen = {self.backend_for(2), self.backend_for(4)}
+        for name in explicit:
+            if not any(name in accepted_options(BACKEND_CLASSES[b], {name: 0}) for b in chosen):
+                raise ValueError(f"{name} does not apply to the {' and '.join(sorted(chosen))} backend")
 
     def target_patterns(self) -> tuple[str, ...]:
         return TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
@@ -106,8 +151,20 @@ class AdapterConfig:
     def backend_for(self, weight_ndim: int) -> str:
         if self.backend is not None:
             return self.backend
-        _, linear_backend, conv_backend = METHODS[self.method]
-        return linear_backend if weight_ndim == 2 else conv_backend
+        preset = METHODS[self.method]
+        return preset.backend if weight_ndim == 2 else preset.conv_backend or preset.backend
+
+    def backend_options(self) -> dict[str, object]:
+        """The backend options this config sets (`init`, `blocks`, `vectors`)."""
+        options = {"init": self.init, "blocks": self.blocks, "vectors": self.vectors}
+        return {name: value for name, value in options.items() if value is not None}
+
+    def composition_fields(self) -> dict[str, str]:
+        """The composition in a file header's fields (`composition`, and `lie_map` for lie)."""
+        fields = {"composition": self.composition}
+        if self.composition == "lie":
+            fields["lie_map"] = self.lie_map
+        return fields
 
     def rank_for(self, module_name: str, weight_ndim: int) -> Rank:
         for pattern, rank in self.rank_pattern.items():

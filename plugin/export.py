@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends import LowRank
 from .inject import adapted_layers, list_adapters
 from .layer import AdaptedLayer, Adapter
 
@@ -45,17 +44,12 @@ class ModuleExport:
     shape: tuple[int, ...]
     rank: int
     error: float
-    exact_factors: bool  # written from a lowrank adapter's own factors, no SVD
+    exact_factors: bool  # written from the adapter's own factors, no SVD
 
 
 def effective_delta(layer: AdaptedLayer, adapter: Adapter) -> torch.Tensor:
-    """`W' - W` of one adapter alone at weight 1, in float32 (FORMAT.md): `s·D` for additive,
-    `W ⊙ (φ(s·D) - 1)` for lie (with `expm1`, accurate for small updates)."""
-    update = (adapter.scale * adapter.backend.delta()).float()
-    if adapter.composition == "additive":
-        return update
-    weight = layer.base_layer.weight.float()
-    return weight * (torch.expm1(update) if adapter.lie_map == "exp" else update)
+    """`W' - W` of one adapter alone at weight 1, in float32 (FORMAT.md; each composition says how)."""
+    return adapter.composition.effective_delta(adapter, layer.original_weight())
 
 
 def choose_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
@@ -74,14 +68,14 @@ def lora_factors(
     layer: AdaptedLayer, adapter: Adapter, rank: int | None, energy: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """`(up, down, exact)`: float32 matrices `(out, r)`, `(r, fan_in)` with `up @ down ≈ W' - W`, and
-    whether they are a lowrank adapter's own factors (no SVD); None for a zero delta."""
+    whether they are the adapter's own factors (no SVD); None for a zero delta."""
     delta = effective_delta(layer, adapter).reshape(layer.base_layer.weight.shape[0], -1)
     if not torch.any(delta):
         return None
-    backend = adapter.backend
-    if adapter.composition == "additive" and isinstance(backend, LowRank):
-        own_rank = backend.lora_down.shape[0]
-        own = (adapter.scale * backend.lora_up).float(), backend.lora_down.float(), True
+    if adapter.composition.bypassable and adapter.backend.has_factors:
+        # An added update that is one matrix product is a LoRA already (lowrank, tucker, cp, rowcol).
+        up, down = (f.detach().float() for f in adapter.factors(1.0))
+        own_rank, own = down.shape[0], (up, down, True)
         if energy is None and rank is not None and own_rank <= rank:
             return own
     else:

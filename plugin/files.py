@@ -1,4 +1,4 @@
-"""`liera/1` adapter files (FORMAT.md): atomic saves, and loads that validate everything first.
+"""`liera/1` and `liera/2` adapter files (FORMAT.md): atomic saves, and loads that validate everything first.
 
 A load either fits completely or changes nothing: every key, shape and value is checked against
 the target models before the first layer is touched.
@@ -18,15 +18,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import BACKEND_CLASSES
-from .config import COMPOSITIONS, LIE_MAPS, AdapterConfig
-from .inject import adaptable_layers, adapter_configs, adapter_state_dict, attach, list_adapters
+from .backends import BACKEND_CLASSES, backend_owning
+from .compositions import COMPOSITION_CLASSES, composition_from
+from .config import AdapterConfig
+from .inject import (
+    adaptable_layers,
+    adapted_layers,
+    adapter_configs,
+    adapter_state_dict,
+    attach,
+    list_adapters,
+)
+from .layer import Adapter
 
-FORMAT_VERSION = "liera/1"
+FORMAT_VERSION = "liera/1"  # what a file needs nothing newer than; `liera/2` adds backends and `dora`
+FORMAT_VERSIONS = {"liera/1": 1, "liera/2": 2}
 ADAPTER_FILENAME = "adapter.safetensors"
-_PARAM = r"lora_down|lora_up|tucker_core|tucker_factor\.\d+|cp_weights|cp_factor\.\d+|scale"
+_PARAM = "|".join(
+    [cls.tensor_names for cls in BACKEND_CLASSES.values()]
+    + [re.escape(name) for cls in COMPOSITION_CLASSES.values() for name in cls.extra_names]
+    + ["scale"]
+)
 _KEY = re.compile(rf"^(?P<component>[^.]+)\.(?P<module>.+)\.(?P<param>{_PARAM})$")
-_BACKEND_OF_PARAM = {"lora": "lowrank", "tucker": "tucker", "cp": "cp"}
 
 
 class AdapterFileError(ValueError):
@@ -42,19 +55,27 @@ def save_adapter(
 ) -> Path:
     """Write one adapter of `models` (`{"unet": unet, "text_encoder": ...}`) to `path`, atomically."""
     path = Path(path)
-    tensors, config = {}, None
+    tensors, config, adapters = {}, None, []
     for component, model in models.items():
         if adapter_name not in list_adapters(model):
             continue
         config = config or adapter_configs(model).get(adapter_name)
+        adapters += [
+            layer.adapters[adapter_name]
+            for layer in adapted_layers(model).values()
+            if adapter_name in layer.adapters
+        ]
         state = adapter_state_dict(model, adapter_name, prefix=f"{component}.")
         tensors.update({k: v.to(dtype=dtype, device="cpu").contiguous() for k, v in state.items()})
     if not tensors:
         raise ValueError(f"no adapter named {adapter_name!r} in {sorted(models)}")
     config = config or AdapterConfig()
-    metadata = {"format": FORMAT_VERSION, "composition": config.composition, "config": config.to_json()}
-    if config.composition == "lie":
-        metadata["lie_map"] = config.lie_map
+    version = max(max(a.backend.since, a.composition.since) for a in adapters)
+    metadata = {
+        "format": f"liera/{version}",
+        **adapters[0].composition.metadata(),
+        "config": config.to_json(),
+    }
     if base_model or config.base_model:
         metadata["base_model"] = str(base_model or config.base_model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +118,7 @@ def load_adapter(
     adapter_name: str | None = None,
     weight: float = 1.0,
 ) -> str:
-    """Load a `liera/1` adapter into `models` and make it active with user weight `weight`.
+    """Load a `liera/1` or `liera/2` adapter into `models` and make it active with user weight `weight`.
 
     `source` is a file, a directory with `adapter.safetensors`, or `(tensors, metadata)`. Returns
     the adapter's name (default: the file's stem). Raises `AdapterFileError` and changes nothing
@@ -114,27 +135,30 @@ def load_adapter(
     for component, model in models.items():
         if adapter_name in list_adapters(model):
             raise AdapterFileError(f"{where}: {component} already has an adapter named {adapter_name!r}")
-    for component, backends in plan.items():
-        attach(models[component], adapter_name, config, backends, weight)
+    for component, adapters in plan.items():
+        attach(models[component], adapter_name, config, adapters, weight)
     return adapter_name
 
 
 def plan_load(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module], where: str
 ) -> tuple[dict[str, dict], AdapterConfig]:
-    """Validate a file against `models`; return per component `{module path: (backend, scale)}`."""
+    """Validate a file against `models`; return per component `{module path: Adapter}`."""
     fmt = metadata.get("format")
-    if fmt != FORMAT_VERSION:
-        raise AdapterFileError(f"{where}: unknown format {fmt!r} in the header; expected {FORMAT_VERSION!r}")
-    composition = metadata.get("composition")
-    if composition not in COMPOSITIONS:
+    if fmt not in FORMAT_VERSIONS:
         raise AdapterFileError(
-            f"{where}: unknown composition {composition!r}; expected one of {COMPOSITIONS}"
+            f"{where}: unknown format {fmt!r} in the header; expected one of {tuple(FORMAT_VERSIONS)}"
         )
-    lie_map = metadata.get("lie_map", "exp")
-    if composition == "lie" and lie_map not in LIE_MAPS:
-        raise AdapterFileError(f"{where}: unknown lie_map {lie_map!r}; expected one of {LIE_MAPS}")
-    config = _config_from(metadata, composition, lie_map)
+    version = FORMAT_VERSIONS[fmt]
+    try:
+        composition = composition_from(metadata)
+    except ValueError as error:
+        raise AdapterFileError(f"{where}: {error} (header)") from error
+    if composition.since > version:
+        raise AdapterFileError(
+            f"{where}: the {composition.name!r} composition needs liera/{composition.since}, but the header says {fmt}"
+        )
+    config = _config_from(metadata, composition.metadata())
     if not tensors:
         raise AdapterFileError(f"{where}: the file holds no tensors")
 
@@ -147,12 +171,16 @@ def plan_load(
             raise AdapterFileError(
                 f"{where}: key {key!r} is for component {match['component']!r}, which is not among {sorted(models)}"
             )
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"{where}: key {key!r} has dtype {tensor.dtype}; FORMAT.md allows floats only"
+            )
         if not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{where}: key {key!r} holds non-finite values (NaN or inf)")
         grouped.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor
 
     layers = {component: adaptable_layers(model) for component, model in models.items()}
-    plan: dict[str, dict] = {}
+    plan: dict[str, dict[str, Adapter]] = {}
     for (component, module), params in grouped.items():
         prefix = f"{component}.{module}"
         module = _same_module(module, layers[component])
@@ -162,28 +190,43 @@ def plan_load(
                 f"{where}: key {prefix}.* names a module that {component} has no Linear/Conv at"
             )
         shape = tuple(layer.weight.shape)
-        families = {_BACKEND_OF_PARAM[p.split("_")[0]] for p in params if p != "scale"}
-        if len(families) != 1:
+        extra_shapes = composition.extra_shapes(shape)
+        backend_params = {p: t for p, t in params.items() if p != "scale" and p not in extra_shapes}
+        owners = {name: backend_owning(name) for name in backend_params}
+        for name, owner in owners.items():
+            if owner is None:
+                raise AdapterFileError(
+                    f"{where}: key {prefix}.{name} is not a tensor of the {composition.name!r} composition "
+                    "or of any backend"
+                )
+        if len(set(owners.values())) != 1:
             raise AdapterFileError(
                 f"{where}: {prefix} needs exactly one backend's tensors, found {sorted(params)}"
             )
-        backend_cls = BACKEND_CLASSES[families.pop()]
+        backend_cls = next(iter(owners.values()))
+        if backend_cls.since > version:
+            raise AdapterFileError(
+                f"{where}: key {prefix}.{next(iter(backend_params))} is a {backend_cls.name!r} tensor, which needs "
+                f"liera/{backend_cls.since}, but the header says {fmt}"
+            )
         shapes = {name: tuple(t.shape) for name, t in params.items() if name != "scale"}
-        expected = backend_cls.expected_shapes(shape, shapes)
+        expected = {**backend_cls.expected_shapes(shape, shapes), **extra_shapes}
         for name in sorted(set(expected) | set(shapes)):
             if expected.get(name) != shapes.get(name):
                 raise AdapterFileError(
                     f"{where}: key {prefix}.{name} has shape {shapes.get(name, 'missing')}, but the module's weight "
                     f"{shape} needs {expected.get(name, 'no such tensor')}"
                 )
-        if any(size < 1 for size in expected[next(iter(expected))]):
+        if any(params[name].numel() == 0 for name in shapes):
             raise AdapterFileError(f"{where}: {prefix} has a zero rank")
         scale = params.get("scale")
         if scale is None or scale.dim() != 0:
             got = "missing" if scale is None else tuple(scale.shape)
             raise AdapterFileError(f"{where}: key {prefix}.scale must be a 0-d tensor, got {got}")
-        backend = backend_cls.from_tensors(shape, params).to(layer.weight.device)
-        plan.setdefault(component, {})[module] = (backend, float(scale))
+        backend = backend_cls.from_tensors(shape, backend_params)
+        extra = {name: params[name] for name in extra_shapes}
+        adapter = Adapter(backend, composition, float(scale), extra).to(layer.weight.device)
+        plan.setdefault(component, {})[module] = adapter
     return plan, config
 
 
@@ -196,13 +239,14 @@ def _same_module(module: str, layers: Mapping[str, nn.Module]) -> str:
     return alias if alias in layers else module
 
 
-def _config_from(metadata: dict[str, str], composition: str, lie_map: str) -> AdapterConfig:
+def _config_from(metadata: dict[str, str], fields: dict[str, str]) -> AdapterConfig:
     """The header's config where it parses; the tensors and the header fields are what count."""
     try:
         config = AdapterConfig.from_json(metadata.get("config", "{}"))
     except (ValueError, TypeError, json.JSONDecodeError):
         config = AdapterConfig()
-    config.composition, config.lie_map = composition, lie_map
+    config.composition = fields["composition"]
+    config.lie_map = fields.get("lie_map", config.lie_map)
     if metadata.get("base_model"):
         config.base_model = metadata["base_model"]
     return config

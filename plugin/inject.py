@@ -11,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .backends import BACKEND_CLASSES, Backend
+from .backends import BACKEND_CLASSES, accepted_options
+from .compositions import composition_from
 from .config import AdapterConfig, name_matches
 from .layer import ADAPTABLE, AdaptedLayer, Adapter
 
@@ -61,18 +62,22 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module
 
 
 def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> list[str]:
-    """Attach a new zero-initialised adapter (so outputs don't change) and make it the active one.
+    """Attach a new adapter that starts exactly at the base (`W' = W`) and make it the active one.
 
     Like PEFT, every other parameter of `model` is frozen. Returns the adapted module paths.
     """
     targets = find_targets(model, config)
-    backends = {}
+    composition = composition_from(config.composition_fields())
+    adapters = {}
     for name, module in targets.items():
         weight = module.weight
         rank = config.rank_for(name, weight.ndim)
-        backend = BACKEND_CLASSES[config.backend_for(weight.ndim)](tuple(weight.shape), rank)
-        backends[name] = (backend.to(weight.device), config.scale_for(rank))
-    attach(model, adapter_name, config, backends)
+        backend_cls = BACKEND_CLASSES[config.backend_for(weight.ndim)]
+        options = accepted_options(backend_cls, {**config.backend_options(), "weight": weight})
+        backend = backend_cls(tuple(weight.shape), rank, **options).to(weight.device)
+        extra = composition.extra_tensors(weight)
+        adapters[name] = Adapter(backend, composition, config.scale_for(rank), extra).to(weight.device)
+    attach(model, adapter_name, config, adapters)
     return list(targets)
 
 
@@ -80,17 +85,16 @@ def attach(
     model: nn.Module,
     adapter_name: str,
     config: AdapterConfig,
-    backends: dict[str, tuple[Backend, float]],
+    adapters: dict[str, Adapter],
     weight: float = 1.0,
 ) -> None:
-    """Wrap each named layer (once), give it the adapter `adapter_name` built from `backends`, and
-    make that adapter the only active one (as diffusers does with a newly loaded LoRA)."""
+    """Wrap each named layer (once), give it its adapter under `adapter_name`, and make that adapter
+    the only active one (as diffusers does with a newly loaded LoRA)."""
     if adapter_name in list_adapters(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     _freeze_base(model)
-    for name, (backend, scale) in backends.items():
-        layer = _wrap(model, name)
-        layer.adapters[adapter_name] = Adapter(backend, config.composition, config.lie_map, scale)
+    for name, adapter in adapters.items():
+        _wrap(model, name).adapters[adapter_name] = adapter
     adapter_configs(model)[adapter_name] = config
     set_adapters(model, [adapter_name], [weight])
 

@@ -14,14 +14,7 @@ import torch
 from torch import nn
 
 from .backends import Backend
-from .compositions import (
-    Term,
-    compose,
-    compose_one_in_place,
-    compose_over_fused,
-    decompose,
-    pull_back_one_in_place,
-)
+from .compositions import Composition, Term, compose
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -33,27 +26,38 @@ def float32_rebuild(like: torch.Tensor) -> torch.autocast:
 
 
 class Adapter(nn.Module):
-    """One named adapter on one layer: a backend, a composition and its scale `s`."""
+    """One named adapter on one layer: a backend, a composition, its scale `s`, and whatever
+    per-module tensors the composition adds (DoRA's `magnitude`)."""
 
-    def __init__(self, backend: Backend, composition: str, lie_map: str, scale: float):
+    def __init__(
+        self,
+        backend: Backend,
+        composition: Composition,
+        scale: float,
+        extra: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.backend = backend
         self.composition = composition
-        self.lie_map = lie_map
         self.register_buffer("scale", torch.tensor(float(scale)))
+        self.extra_names = tuple(extra or ())
+        for name, tensor in (extra or {}).items():
+            setattr(self, name, nn.Parameter(tensor.to(torch.float32, copy=True)))
 
-    def term(self, multiplier: float) -> Term:
+    def term(self, multiplier: float, weight: torch.Tensor) -> Term:
+        """This adapter's contribution at user weight `multiplier`, on the original weight `W`."""
         with float32_rebuild(self.scale):
-            return Term(self.composition, self.lie_map, self.backend.delta(multiplier * self.scale))
+            return self.composition.term(self, multiplier, weight)
 
     def factors(self, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(F, P)` with the term's update `reshape(F @ P, W.shape)` (`Backend.factors`)."""
+        """`(F, P)` with the scaled update `c·D = reshape(F @ P, W.shape)` (`Backend.factors`)."""
         with float32_rebuild(self.scale):
             return self.backend.factors(multiplier * self.scale)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """FORMAT.md's tensors for this module, by parameter name."""
-        return {**dict(self.backend.named_parameters()), "scale": self.scale}
+        """FORMAT.md's tensors for this module, by name."""
+        extra = {name: getattr(self, name) for name in self.extra_names}
+        return {**dict(self.backend.named_parameters()), **extra, "scale": self.scale}
 
 
 class AdaptedLayer(nn.Module):
@@ -70,6 +74,9 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self.runtime_scale = 1.0  # diffusers' `cross_attention_kwargs={"scale": x}`
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        # While anything is fused: the original weight, on the CPU. Unfusing copies it back, so it
+        # is exact in every dtype (FORMAT.md), and `dora` terms, which need `W`, can still be built.
+        self._original: torch.Tensor | None = None
 
     def __getattr__(self, name: str):
         # Code that reads `in_features`, `weight`, `stride`, ... of the layer keeps working.
@@ -108,8 +115,12 @@ class AdaptedLayer(nn.Module):
         return self._forward_with_weight(x, self._cached_adapted_weight(adapters))
 
     def _rebuilds_in_place(self, adapters: list[tuple[Adapter, float]]) -> bool:
-        """One adapter on an unfused float32 weight: `W'` can be built in its update's memory."""
-        return len(adapters) == 1 and not self.fused and self.base_layer.weight.dtype == torch.float32
+        """One adapter on an unfused float32 weight, whose update is one matrix product and whose
+        composition can build `W'` in that product's memory."""
+        if len(adapters) != 1 or self.fused or self.base_layer.weight.dtype != torch.float32:
+            return False
+        adapter = adapters[0][0]
+        return adapter.composition.in_place and adapter.backend.has_factors
 
     def _can_recompute_weight(self) -> bool:
         layer = self.base_layer
@@ -137,19 +148,23 @@ class AdaptedLayer(nn.Module):
             return nn.functional.linear(x, weight, layer.bias)
         return layer._conv_forward(x, weight, layer.bias)
 
-    def adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
-        """`W'` in the layer's dtype, from the active unfused adapters on top of any fused ones."""
+    def original_weight(self) -> torch.Tensor:
+        """`W`: the base weight with nothing fused into it."""
         weight = self.base_layer.weight
-        unfused = [adapter.term(multiplier) for adapter, multiplier in adapters]
-        if self.fused:
-            return compose_over_fused(weight, self._fused_terms(), unfused, weight.dtype)
-        return compose(weight, unfused, weight.dtype)
+        return weight if self._original is None else self._original.to(weight.device)
+
+    def adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
+        """`W'` in the layer's dtype, from the active unfused adapters and any fused ones."""
+        weight = self.original_weight()
+        fused = [(self.adapters[name], multiplier) for name, multiplier in self.fused.items()]
+        terms = [adapter.term(multiplier, weight) for adapter, multiplier in fused + adapters]
+        return compose(weight, terms, weight.dtype)
 
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
         layer = self.base_layer
-        # Additive terms add on top of whatever is fused (W_f + A_u), so fused adapters don't matter.
-        if any(a.composition != "additive" or not a.backend.can_bypass(layer) for a, _ in adapters):
+        # Bypassable terms add on top of whatever is fused (W_f + A_u), so fused adapters don't matter.
+        if any(not a.composition.bypassable or not a.backend.can_bypass(layer) for a, _ in adapters):
             return False
         in_positions, out_positions = _positions(layer, x)
         training = torch.is_grad_enabled()
@@ -165,32 +180,33 @@ class AdaptedLayer(nn.Module):
     # --- fusing -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _fused_terms(self) -> list[Term]:
-        return [self.adapters[name].term(multiplier) for name, multiplier in self.fused.items()]
-
-    @torch.no_grad()
     def fuse(self, names: list[str], scale: float = 1.0) -> None:
-        """Fold adapters into the base weight (with their current user weights times `scale`)."""
+        """Fold adapters into the base weight (with their current user weights times `scale`).
+        Refuses, changing nothing, if the fused weight would not be finite."""
         new = {name: self.active.get(name, 1.0) * scale for name in names if name not in self.fused}
         if not new:
             return
-        self._weight_cache = None
         weight = self.base_layer.weight
-        terms = [self.adapters[name].term(multiplier) for name, multiplier in new.items()]
-        fused = (
-            compose_over_fused(weight, self._fused_terms(), terms) if self.fused else compose(weight, terms)
-        )
-        weight.copy_(fused.to(weight.dtype))
-        self.fused.update(new)
+        original = self.original_weight()
+        multipliers = {**self.fused, **new}
+        terms = [self.adapters[name].term(m, original) for name, m in multipliers.items()]
+        fused = compose(original, terms, weight.dtype)
+        if not torch.isfinite(fused).all():
+            raise ValueError(f"fusing {sorted(new)} would make non-finite weights; nothing was fused")
+        self._weight_cache = None
+        if self._original is None:
+            self._original = weight.detach().to("cpu", copy=True)
+        weight.copy_(fused)
+        self.fused = multipliers
 
     @torch.no_grad()
     def unfuse(self) -> None:
-        """Take every fused adapter out of the base weight again (exact up to float rounding)."""
+        """Take every fused adapter out again: the original weight comes back bit for bit."""
         if not self.fused:
             return
         self._weight_cache = None
-        weight = self.base_layer.weight
-        weight.copy_(decompose(weight, self._fused_terms()).to(weight.dtype))
+        self.base_layer.weight.copy_(self._original)
+        self._original = None
         self.fused.clear()
 
     def extra_repr(self) -> str:
@@ -249,9 +265,7 @@ class _RecomputedWeight(torch.autograd.Function):
             grad_params = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
             return (None, None, grad_x, *grad_params)
         with torch.no_grad():
-            grad_update = pull_back_one_in_place(
-                grad_weight, layer.weight, weight, adapter.composition, adapter.lie_map
-            )
+            grad_update = adapter.composition.pull_back_in_place(grad_weight, layer.weight, weight)
             del weight  # the workspace is the next layer's
             grad_update = grad_update.reshape(left.shape[0], right.shape[1])
             grad_left, grad_right = grad_update @ right.detach().T, left.detach().T @ grad_update
@@ -288,7 +302,7 @@ def _rebuild_in_workspace(
     out = _WORKSPACE.take(left.shape[0], right.shape[1], weight.device)
     with float32_rebuild(weight):
         update = torch.mm(left, right, out=out).view(weight.shape)
-    return compose_one_in_place(weight, update, adapter.composition, adapter.lie_map)
+    return adapter.composition.build_in_place(weight, update)
 
 
 def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:

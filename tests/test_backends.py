@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from plugin import CP, AdapterConfig, LowRank, Tucker
+from plugin.backends import BlockDiag, BlockLowRank, Hadamard, RowCol
 from plugin.config import mode_ranks
 
 LAYERS = {
@@ -79,13 +80,70 @@ def test_cp_delta_is_sum_of_outer_products(kind):
     torch.testing.assert_close(backend.delta(), expected)
 
 
-@pytest.mark.parametrize("backend_cls", [LowRank, Tucker])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_bypass_equals_layer_with_delta_weight(backend_cls, kind):
+def test_hadamard_delta_is_the_product_of_two_lowrank_matrices(kind):
+    shape = tuple(LAYERS[kind]().weight.shape)
+    backend = filled(Hadamard(shape, rank=3))
+    first = torch.einsum("or,ri->oi", backend.hada_w1_a, backend.hada_w1_b)
+    second = torch.einsum("or,ri->oi", backend.hada_w2_a, backend.hada_w2_b)
+    torch.testing.assert_close(backend.delta(), (first * second).reshape(shape))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_blockdiag_delta_is_zero_off_the_diagonal_blocks(kind):
+    shape = tuple(LAYERS[kind]().weight.shape)
+    backend = filled(BlockDiag(shape, blocks=2))
+    n = backend.blockdiag_blocks.shape[0]
+    rows, cols = shape[0] // n, shape[1] // n
+    expected = torch.zeros(shape)
+    for b in range(n):
+        expected[b * rows : (b + 1) * rows, b * cols : (b + 1) * cols] = backend.blockdiag_blocks[b]
+    torch.testing.assert_close(backend.delta(), expected)
+    assert n == (2 if shape[0] % 2 == 0 and shape[1] % 2 == 0 else 1)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_blocklowrank_delta_is_a_grid_of_lowrank_blocks(kind):
+    shape = tuple(LAYERS[kind]().weight.shape)
+    backend = filled(BlockLowRank(shape, rank=4, blocks=2))
+    n = backend.block_up.shape[0]
+    rows, cols = shape[0] // n, shape[1] // n
+    expected = torch.zeros(shape)
+    for a in range(n):
+        for b in range(n):
+            block = (backend.block_up[a, b] @ backend.block_down[a, b]).reshape(rows, cols, *shape[2:])
+            expected[a * rows : (a + 1) * rows, b * cols : (b + 1) * cols] = block
+    torch.testing.assert_close(backend.delta(), expected)
+    assert backend.block_up.shape[-1] == max(1, min(4, shape[0], shape[1]) // n) or n == 1
+
+
+@pytest.mark.parametrize("vectors", ["both", "row", "col"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_rowcol_delta_is_row_plus_column(kind, vectors):
+    shape = tuple(LAYERS[kind]().weight.shape)
+    backend = filled(RowCol(shape, vectors=vectors))
+    row = backend.row if vectors != "col" else torch.zeros(shape[0])
+    col = backend.col if vectors != "row" else torch.zeros(shape[1])
+    expected = (row.reshape(-1, 1) + col.reshape(1, -1)).reshape(*shape[:2], *[1] * len(shape[2:])).expand(shape)
+    torch.testing.assert_close(backend.delta(2.0), 2.0 * expected)
+
+
+BYPASSING = {
+    "lowrank": lambda shape: LowRank(shape, rank=3),
+    "tucker": lambda shape: Tucker(shape, rank=3),
+    "blockdiag": lambda shape: BlockDiag(shape, blocks=2),
+    "blocklowrank": lambda shape: BlockLowRank(shape, rank=4, blocks=2),
+}
+
+
+@pytest.mark.parametrize("backend_name", BYPASSING)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_bypass_equals_layer_with_delta_weight(backend_name, kind):
     layer = LAYERS[kind]()
-    backend = filled(backend_cls(tuple(layer.weight.shape), rank=3))
+    backend = filled(BYPASSING[backend_name](tuple(layer.weight.shape)))
     if not backend.can_bypass(layer):
-        assert layer.groups > 1  # only grouped convs fall back to rebuilding the weight
+        # Grouped convs (and reflect padding, blocklowrank's convs) rebuild the weight instead.
+        assert layer.groups > 1 or backend_name.startswith("block")
         return
     x = torch.randn(INPUTS[kind], generator=torch.Generator().manual_seed(1))
     if isinstance(layer, nn.Linear):
@@ -97,7 +155,16 @@ def test_bypass_equals_layer_with_delta_weight(backend_cls, kind):
 
 def test_zero_initialisation_gives_zero_delta():
     shape = (8, 6, 3, 3)
-    for backend in (LowRank(shape, 4), Tucker(shape, [4, 4, 2, 2]), CP(shape, 4)):
+    weight = torch.randn(shape)
+    backends = (
+        LowRank(shape, 4),
+        Tucker(shape, [4, 4, 2, 2]),
+        CP(shape, 4),
+        Hadamard(shape, 3, init="loha"),
+        Hadamard(shape, 3, init="abba", weight=weight),
+        BlockLowRank(shape, 4, blocks=2),
+    )
+    for backend in backends:
         assert torch.count_nonzero(backend.delta()) == 0
         assert any(torch.count_nonzero(p) > 0 for p in backend.parameters())  # factors are random
 
@@ -144,3 +211,20 @@ def test_tensorly_backend_of_the_user_is_untouched():
     thread.join()
     tl.set_backend("numpy")
     assert seen == ["pytorch"]
+
+
+def test_abba_starts_from_the_weights_principal_subspace():
+    weight = torch.randn(8, 6, 3, 3)
+    backend = Hadamard(tuple(weight.shape), rank=3, init="abba", weight=weight)
+    u, s, vh = torch.linalg.svd(weight.reshape(8, -1), full_matrices=False)
+    first = backend.hada_w1_a @ backend.hada_w1_b
+    torch.testing.assert_close(first, (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-4, atol=1e-5)
+    assert torch.count_nonzero(backend.hada_w2_a) == 0 and torch.count_nonzero(backend.hada_w2_b) > 0
+
+
+def test_block_counts_clip_to_a_common_divisor():
+    assert BlockDiag((12, 8), blocks=64).blockdiag_blocks.shape == (4, 3, 2)
+    assert BlockDiag((9, 6, 3, 3), blocks=2).blockdiag_blocks.shape == (1, 9, 6, 3, 3)
+    assert BlockLowRank((320, 640), rank=8, blocks=2).block_up.shape == (2, 2, 160, 4)
+    with pytest.raises(ValueError, match="blocks must be a positive integer"):
+        BlockDiag((8, 8), blocks=0)

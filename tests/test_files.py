@@ -107,6 +107,30 @@ def missing_tensor(t):
     del t["unet.mid_block.resnets.0.conv1.scale"]
 
 
+def stray_magnitude(t):
+    t["unet.mid_block.resnets.0.conv1.magnitude"] = torch.ones(64)
+
+
+def _drop_module(t, prefix):
+    for key in [k for k in t if k.startswith(prefix + ".") and not k.endswith(".scale")]:
+        del t[key]
+
+
+def hadamard_in_liera_1(t):
+    prefix = "unet.mid_block.resnets.0.conv1"
+    _drop_module(t, prefix)
+    for name, shape in {"w1_a": (64, 2), "w1_b": (2, 576), "w2_a": (64, 2), "w2_b": (2, 576)}.items():
+        t[f"{prefix}.hada_{name}"] = torch.zeros(shape)
+
+
+def two_backends(t):
+    t["unet.mid_block.resnets.0.conv1.row"] = torch.zeros(64)
+
+
+def integer_tensor(t):
+    t["unet.mid_block.resnets.0.conv1.scale"] = torch.tensor(1)
+
+
 @pytest.mark.parametrize(
     "edit_tensors, edit_metadata, message",
     [
@@ -118,8 +142,17 @@ def missing_tensor(t):
         (missing_module, None, r"down_blocks\.7\.resnets\.0\.conv1\.\* names a module that unet has no"),
         (nan_values, None, r"up_blocks\.1\.resnets\.0\.conv2\.tucker_core' holds non-finite"),
         (missing_tensor, None, r"mid_block\.resnets\.0\.conv1\.scale must be a 0-d tensor, got missing"),
-        (None, lambda m: m.update(format="liera/2"), r"unknown format 'liera/2'"),
+        (None, lambda m: m.update(format="liera/3"), r"unknown format 'liera/3'"),
         (None, lambda m: m.update(composition="multiplicative"), r"unknown composition 'multiplicative'"),
+        (None, lambda m: m.update(composition="dora"), r"the 'dora' composition needs liera/2, but the header"),
+        (stray_magnitude, None, r"mid_block\.resnets\.0\.conv1\.magnitude is not a tensor of the 'lie'"),
+        (
+            hadamard_in_liera_1,
+            None,
+            r"mid_block\.resnets\.0\.conv1\.hada_w1_a is a 'hadamard' tensor, which needs liera/2",
+        ),
+        (two_backends, None, r"mid_block\.resnets\.0\.conv1 needs exactly one backend's tensors"),
+        (integer_tensor, None, r"mid_block\.resnets\.0\.conv1\.scale' has dtype torch\.int64"),
     ],
 )
 def test_bad_files_are_refused_and_the_model_is_unchanged(

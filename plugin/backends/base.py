@@ -1,0 +1,136 @@
+"""The backend interface: how an update `D` with the shape of a weight `W` is built from few tensors.
+
+A backend is a small `nn.Module` whose parameter names are exactly FORMAT.md's tensor names
+(`lora_down`, `tucker_factor.0`, `hada_w1_a`, ...), so a file is just its state dict and a loaded
+file is rebuilt by `from_tensors` without any backend-specific code. A backend must define its
+tensors (`__init__`, `tensor_names`, `expected_shapes`) and `delta`; everything else is optional
+speed: `factors` (D as one matrix product, which lets the layer build `W'` in place), and a
+`bypass` that runs an additive update on the activations without materialising `D`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tensorly.backend import BackendManager
+from torch import nn
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def tensorly(fn: Callable, *args):
+    """Run a TensorLy function on torch tensors, leaving the user's backend setting as it was.
+
+    `tl.backend_context` restores the previous backend *globally* and pins it on this thread, which
+    can undo another thread's `tl.set_backend`. So set it for this thread only and put this thread's
+    own setting back exactly (TensorLy keeps it in `BackendManager._THREAD_LOCAL_DATA`).
+    """
+    local = BackendManager._THREAD_LOCAL_DATA.__dict__
+    had_local, previous = "backend" in local, local.get("backend")
+    BackendManager.set_backend("pytorch", local_threadsafe=True)
+    try:
+        return fn(*args)
+    finally:
+        if had_local:
+            local["backend"] = previous
+        else:
+            local.pop("backend", None)
+
+
+class Backend(nn.Module):
+    name: str
+    since: int = 1  # the FORMAT.md version that defines this backend
+    tensor_names: str  # regex matching exactly this backend's tensor names
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    # --- what every backend defines ----------------------------------------------------------
+
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """`coefficient * D`, a fresh float32 tensor of the weight's shape."""
+        left, right = self.factors(coefficient)
+        return (left @ right).reshape(self.shape)
+
+    @classmethod
+    def expected_shapes(cls, shape: tuple[int, ...], tensors: dict[str, torch.Size]) -> dict[str, tuple]:
+        """The shape each tensor must have to fit a weight of `shape` (ranks read off `tensors`)."""
+        raise NotImplementedError
+
+    # --- optional speed -----------------------------------------------------------------------
+
+    @property
+    def has_factors(self) -> bool:
+        return type(self).factors is not Backend.factors
+
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(F, P)` with `coefficient * D = reshape(F @ P, shape)`, for backends whose `D` ends in one
+        matrix product of an `out x r` factor and an `r x rest` one. The coefficient is folded into a
+        small tensor; the full-size tensor is built only by that product, so the caller can choose
+        its memory (`torch.mm(F, P, out=...)`)."""
+        raise NotImplementedError(f"the {self.name} backend is not one matrix product")
+
+    def delta_flops(self) -> int:
+        """Multiply-adds to rebuild `D` (default: one pass over it)."""
+        return math.prod(self.shape)
+
+    def can_bypass(self, layer: nn.Module) -> bool:
+        return False
+
+    def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s operation with weight `D` and no bias, applied to `x` without building `D`."""
+        raise NotImplementedError
+
+    def bypass_flops(self, in_positions: int, out_positions: int) -> int:
+        raise NotImplementedError
+
+    # --- files ----------------------------------------------------------------------------------
+
+    @classmethod
+    def owns(cls, tensor_name: str) -> bool:
+        return re.fullmatch(cls.tensor_names, tensor_name) is not None
+
+    @classmethod
+    def from_tensors(cls, shape: tuple[int, ...], tensors: dict[str, torch.Tensor]) -> Backend:
+        """A backend holding `tensors` (validated already by `expected_shapes`): `name.i` tensors
+        become a `ParameterList` `name`, the others plain parameters."""
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, shape)
+        lists: dict[str, dict[int, torch.Tensor]] = {}
+        for name, tensor in sorted(tensors.items()):
+            head, dot, index = name.partition(".")
+            if dot:
+                lists.setdefault(head, {})[int(index)] = tensor
+            else:
+                setattr(backend, name, loaded(tensor))
+        for head, items in lists.items():
+            setattr(backend, head, nn.ParameterList([loaded(items[i]) for i in range(len(items))]))
+        return backend
+
+
+def loaded(tensor: torch.Tensor) -> nn.Parameter:
+    # A fresh float32 copy: tensors read from a file can sit at unaligned addresses, where
+    # MKL's matmul rounds differently and a reloaded adapter would not match bit for bit.
+    return nn.Parameter(tensor.to(torch.float32, copy=True))
+
+
+def factor_list(sizes: list[tuple[int, int]]) -> nn.ParameterList:
+    return nn.ParameterList([nn.Parameter(torch.empty(rows, cols)) for rows, cols in sizes])
+
+
+def fan_in(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:])
+
+
+def channel_blocks(requested: int, shape: tuple[int, ...], backend: str) -> int:
+    """The number of channel blocks for a weight of `shape`: the largest divisor of both channel
+    counts up to `requested` (like ranks, which clip to what a layer has)."""
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+        raise ValueError(f"{backend}: blocks must be a positive integer, got {requested!r}")
+    common = math.gcd(shape[0], shape[1])
+    return max(n for n in range(1, min(requested, common) + 1) if common % n == 0)

@@ -1,0 +1,45 @@
+"""CANDECOMP/PARAFAC: `D = sum_r w_r F_0[:, r] o F_1[:, r] o ...` (TensorLy's `cp_to_tensor`)."""
+
+from __future__ import annotations
+
+import math
+
+import tensorly as tl
+import torch
+from torch import nn
+
+from ..config import Rank, matrix_rank
+from .base import Backend, factor_list, tensorly
+
+
+class CP(Backend):
+    """Zero weights, unit-norm random factors, so `D = 0`."""
+
+    name = "cp"
+    tensor_names = r"cp_weights|cp_factor\.\d+"
+
+    def __init__(self, shape: tuple[int, ...], rank: Rank = 8):
+        super().__init__(shape)
+        r = matrix_rank(rank, self.shape, self.name)
+        self.cp_weights = nn.Parameter(torch.zeros(r))
+        self.cp_factor = factor_list([(size, r) for size in self.shape])
+        for factor in self.cp_factor:
+            nn.init.normal_(factor)
+            factor.data /= factor.data.norm(dim=0, keepdim=True)
+
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        # TensorLy's `cp_to_tensor`, stopped before its last product and fold.
+        first, *rest = self.cp_factor
+        right = tensorly(tl.tenalg.khatri_rao, list(rest)) if len(rest) > 1 else rest[0]
+        return first * (coefficient * self.cp_weights), right.T
+
+    def delta_flops(self) -> int:
+        return math.prod(self.shape) * self.cp_weights.shape[0] * len(self.shape)
+
+    @classmethod
+    def expected_shapes(cls, shape, tensors):
+        weights = tensors.get("cp_weights", ())
+        r = weights[0] if len(weights) == 1 else -1
+        expected = {"cp_weights": (r,)}
+        expected.update({f"cp_factor.{i}": (d, r) for i, d in enumerate(shape)})
+        return expected

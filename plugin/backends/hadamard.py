@@ -1,0 +1,73 @@
+"""ABBA's and LoHa's backend: `D = (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`, reshaped to the weight.
+
+Two low-rank pairs multiplied element-wise reach rank up to r_1·r_2 with (r_1 + r_2)(out + fan_in)
+parameters. The tensor names are LyCORIS' LoHa ones, so an additive adapter exports to LoHa exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import Rank, matrix_rank
+from .base import Backend, fan_in
+
+INITS = ("loha", "abba")
+
+
+class Hadamard(Backend):
+    """`init="loha"` (LyCORIS): w1_a, w1_b, w2_b normal(0.1, 1, 1), w2_a zero. `init="abba"` (ABBA):
+    the first pair is W's top-r singular triplets split as `U √S`, `√S Vᵀ`; the second pair Kaiming
+    down, zero up. Either way one factor is zero, so `D = 0`."""
+
+    name = "hadamard"
+    since = 2
+    tensor_names = r"hada_w[12]_[ab]"
+
+    def __init__(
+        self, shape: tuple[int, ...], rank: Rank = 8, init: str = "loha", weight: torch.Tensor | None = None
+    ):
+        super().__init__(shape)
+        if init not in INITS:
+            raise ValueError(f"hadamard: unknown init {init!r}; choose one of {INITS}")
+        r = matrix_rank(rank, self.shape, self.name)
+        rows, cols = self.shape[0], fan_in(self.shape)
+        self.hada_w1_a = nn.Parameter(torch.empty(rows, r))
+        self.hada_w1_b = nn.Parameter(torch.empty(r, cols))
+        self.hada_w2_a = nn.Parameter(torch.zeros(rows, r))
+        self.hada_w2_b = nn.Parameter(torch.empty(r, cols))
+        if init == "loha":
+            nn.init.normal_(self.hada_w1_a, std=0.1)
+            nn.init.normal_(self.hada_w1_b, std=1.0)
+            nn.init.normal_(self.hada_w2_b, std=1.0)
+        else:
+            if weight is None:
+                raise ValueError("hadamard: ABBA's initialisation needs the layer's weight")
+            u, s, vh = torch.linalg.svd(weight.detach().float().reshape(rows, cols), full_matrices=False)
+            root = s[:r].sqrt()
+            self.hada_w1_a.data.copy_(u[:, :r] * root)
+            self.hada_w1_b.data.copy_(root[:, None] * vh[:r])
+            nn.init.kaiming_uniform_(self.hada_w2_b, a=math.sqrt(5))
+
+    def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
+        first = (coefficient * self.hada_w1_a) @ self.hada_w1_b
+        return (first * (self.hada_w2_a @ self.hada_w2_b)).reshape(self.shape)
+
+    def delta_flops(self) -> int:
+        return math.prod(self.shape) * (self.hada_w1_b.shape[0] + self.hada_w2_b.shape[0] + 1)
+
+    @classmethod
+    def expected_shapes(cls, shape, tensors):
+        def rank(name: str) -> int:
+            return tensors[name][1] if len(tensors.get(name, ())) == 2 else -1
+
+        rows, cols = shape[0], fan_in(shape)
+        r1, r2 = rank("hada_w1_a"), rank("hada_w2_a")
+        return {
+            "hada_w1_a": (rows, r1),
+            "hada_w1_b": (r1, cols),
+            "hada_w2_a": (rows, r2),
+            "hada_w2_b": (r2, cols),
+        }

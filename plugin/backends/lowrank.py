@@ -1,0 +1,51 @@
+"""LoRA's backend: `D = reshape(lora_up @ lora_down, W.shape)`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Rank, matrix_rank
+from .base import CONV, Backend, fan_in
+
+
+class LowRank(Backend):
+    """Random down (Kaiming, as LoRA), zero up, so `D = 0`."""
+
+    name = "lowrank"
+    tensor_names = r"lora_down|lora_up"
+
+    def __init__(self, shape: tuple[int, ...], rank: Rank = 8):
+        super().__init__(shape)
+        r = matrix_rank(rank, self.shape, self.name)
+        self.lora_down = nn.Parameter(torch.empty(r, fan_in(self.shape)))
+        self.lora_up = nn.Parameter(torch.zeros(self.shape[0], r))
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return coefficient * self.lora_up, self.lora_down
+
+    def delta_flops(self) -> int:
+        return math.prod(self.shape) * self.lora_up.shape[1]
+
+    def can_bypass(self, layer: nn.Module) -> bool:
+        return getattr(layer, "groups", 1) == 1
+
+    def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, nn.Linear):
+            return F.linear(F.linear(x, self.lora_down), self.lora_up)
+        r = self.lora_down.shape[0]
+        hidden = layer._conv_forward(x, self.lora_down.reshape(r, *self.shape[1:]), None)
+        return CONV[x.ndim - 2](hidden, self.lora_up.reshape(*self.lora_up.shape, *[1] * (x.ndim - 2)))
+
+    def bypass_flops(self, in_positions: int, out_positions: int) -> int:
+        (r, width), out = self.lora_down.shape, self.shape[0]
+        return out_positions * r * (width + out)
+
+    @classmethod
+    def expected_shapes(cls, shape, tensors):
+        r = tensors["lora_down"][0] if len(tensors.get("lora_down", ())) == 2 else -1
+        return {"lora_down": (r, fan_in(shape)), "lora_up": (shape[0], r)}

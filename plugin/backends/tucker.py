@@ -1,0 +1,85 @@
+"""FLoRA's backend: a Tucker decomposition, `D = core x_0 F_0 x_1 F_1 ... x_{N-1} F_{N-1}`."""
+
+from __future__ import annotations
+
+import math
+
+import tensorly as tl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Rank, mode_ranks
+from .base import CONV, Backend, factor_list, tensorly
+
+
+def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """TensorLy's `tucker_to_tensor` without mode 0, multiplying the modes in reverse order.
+
+    `tucker_to_tensor` expands mode 0 (out channels) first, so the kernel modes are then multiplied
+    into an almost full-size tensor, unfolded and copied each time. Expanding the small kernel modes
+    first leaves mode 0 to one plain matrix product (`Tucker.factors`), the only full-size step.
+    """
+    result = core
+    for mode in reversed(range(1, core.ndim)):
+        result = tl.tenalg.mode_dot(result, factors[mode], mode)
+    return result
+
+
+class Tucker(Backend):
+    """Zero core, orthonormal random factors, so `D = 0` (FLoRA)."""
+
+    name = "tucker"
+    tensor_names = r"tucker_core|tucker_factor\.\d+"
+
+    def __init__(self, shape: tuple[int, ...], rank: Rank = 8):
+        super().__init__(shape)
+        ranks = mode_ranks(rank, self.shape)
+        self.tucker_core = nn.Parameter(torch.zeros(ranks))
+        self.tucker_factor = factor_list(list(zip(self.shape, ranks)))
+        for factor in self.tucker_factor:
+            nn.init.orthogonal_(factor)
+
+    def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        core = tensorly(_tucker_kernel_modes, coefficient * self.tucker_core, list(self.tucker_factor))
+        return self.tucker_factor[0], core.reshape(core.shape[0], -1)
+
+    def delta_flops(self) -> int:
+        # Mode products one after another, last mode first: each multiplies in one factor.
+        size, flops = self.tucker_core.numel(), 0
+        for rows, cols in (f.shape for f in reversed(self.tucker_factor)):
+            flops += size * rows
+            size = size // cols * rows
+        return flops
+
+    def can_bypass(self, layer: nn.Module) -> bool:
+        return getattr(layer, "groups", 1) == 1
+
+    def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # A 1x1 projection to r_1 channels, a small conv with the core times the kernel factors
+        # (r_1 -> r_0 channels, the layer's own stride/padding), a 1x1 projection to `out`: LoCon-Tucker.
+        out_factor, in_factor, *kernel_factors = self.tucker_factor
+        if isinstance(layer, nn.Linear):
+            return F.linear(F.linear(F.linear(x, in_factor.T), self.tucker_core), out_factor)
+        ones = [1] * (x.ndim - 2)
+        conv = CONV[x.ndim - 2]
+        modes = list(range(2, len(self.shape)))
+        kernel = tensorly(tl.tenalg.multi_mode_dot, self.tucker_core, list(kernel_factors), modes)
+        hidden = conv(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
+        hidden = layer._conv_forward(hidden, kernel, None)
+        return conv(hidden, out_factor.reshape(*out_factor.shape, *ones))
+
+    def bypass_flops(self, in_positions: int, out_positions: int) -> int:
+        r_out, r_in = self.tucker_core.shape[:2]
+        kernel = math.prod(self.shape[2:])
+        return in_positions * self.shape[1] * r_in + out_positions * (
+            r_in * r_out * kernel + r_out * self.shape[0]
+        )
+
+    @classmethod
+    def expected_shapes(cls, shape, tensors):
+        core = tensors.get("tucker_core", ())
+        ranks = list(core) if len(core) == len(shape) else [-1] * len(shape)
+        expected = {"tucker_core": tuple(ranks)}
+        expected.update({f"tucker_factor.{i}": (d, r) for i, (d, r) in enumerate(zip(shape, ranks))})
+        return expected
