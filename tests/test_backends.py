@@ -124,7 +124,9 @@ def test_rowcol_delta_is_row_plus_column(kind, vectors):
     backend = filled(RowCol(shape, vectors=vectors))
     row = backend.row if vectors != "col" else torch.zeros(shape[0])
     col = backend.col if vectors != "row" else torch.zeros(shape[1])
-    expected = (row.reshape(-1, 1) + col.reshape(1, -1)).reshape(*shape[:2], *[1] * len(shape[2:])).expand(shape)
+    expected = (
+        (row.reshape(-1, 1) + col.reshape(1, -1)).reshape(*shape[:2], *[1] * len(shape[2:])).expand(shape)
+    )
     torch.testing.assert_close(backend.delta(2.0), 2.0 * expected)
 
 

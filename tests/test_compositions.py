@@ -57,7 +57,9 @@ def reference_weight(layer, adapters: list[tuple[str, float]]) -> torch.Tensor:
         if composition.name == "additive":
             total = total + m * s * delta
         elif composition.name == "lie":
-            product = product * (torch.exp(m * s * delta) if composition.lie_map == "exp" else 1 + m * s * delta)
+            product = product * (
+                torch.exp(m * s * delta) if composition.lie_map == "exp" else 1 + m * s * delta
+            )
         else:
             direction = weight + s * delta
             norms = direction.flatten(1).norm(dim=1).detach().reshape(-1, *[1] * (weight.ndim - 1))

@@ -144,7 +144,11 @@ def integer_tensor(t):
         (missing_tensor, None, r"mid_block\.resnets\.0\.conv1\.scale must be a 0-d tensor, got missing"),
         (None, lambda m: m.update(format="liera/3"), r"unknown format 'liera/3'"),
         (None, lambda m: m.update(composition="multiplicative"), r"unknown composition 'multiplicative'"),
-        (None, lambda m: m.update(composition="dora"), r"the 'dora' composition needs liera/2, but the header"),
+        (
+            None,
+            lambda m: m.update(composition="dora"),
+            r"the 'dora' composition needs liera/2, but the header",
+        ),
         (stray_magnitude, None, r"mid_block\.resnets\.0\.conv1\.magnitude is not a tensor of the 'lie'"),
         (
             hadamard_in_liera_1,

@@ -49,7 +49,9 @@ def test_a_fresh_adapter_is_the_base_model_bit_for_bit(method, dtype):
     x = torch.randn(2, 16, 6, 6, dtype=dtype)
     with torch.no_grad():
         base = block(x)
-    plugin.add_adapter(block, AdapterConfig(method=method, rank=4, targets=["conv", "depthwise", "proj"]), "a")
+    plugin.add_adapter(
+        block, AdapterConfig(method=method, rank=4, targets=["conv", "depthwise", "proj"]), "a"
+    )
     composition, linear, conv, lie_map = EXPECTED[method]
     for name, backend in (("proj", linear), ("conv", conv), ("depthwise", conv)):
         layer = getattr(block, name)
@@ -66,7 +68,6 @@ def test_a_fresh_adapter_is_the_base_model_bit_for_bit(method, dtype):
 
 def test_preset_structure_follows_the_papers():
     torch.manual_seed(0)
-    shape = (32, 16, 3, 3)
     layer = nn.Conv2d(16, 32, 3)
 
     def adapter(method, **kwargs):
