@@ -1,6 +1,7 @@
 """`python -m plugin`: inspect adapter files, export them as standard LoRAs, merge them into a pipeline.
 
     python -m plugin inspect adapter.safetensors
+    python -m plugin presets --config assets/configs/sd15_unet.json
     python -m plugin export adapter.safetensors --base runwayml/stable-diffusion-v1-5 --rank 32
     python -m plugin merge --base ./sd15 --adapter style.safetensors:0.8 --adapter subject.safetensors --out ./merged
 
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from .backends import backend_owning
 from .files import _KEY, ADAPTER_FILENAME, AdapterFileError, read_adapter_file, resolve_adapter_path
 
+DEFAULT_BASE = Path(__file__).resolve().parents[1] / "assets" / "toy-sd"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,22 +54,18 @@ def _describe_liera(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
         modules.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor
     backends, ranks = Counter(), Counter()
     for params in modules.values():
-        if "lora_down" in params:
-            backends["lowrank"] += 1
-            ranks[f"lowrank r={params['lora_down'].shape[0]}"] += 1
-        elif "tucker_core" in params:
-            backends["tucker"] += 1
-            ranks[f"tucker core {tuple(params['tucker_core'].shape)}"] += 1
-        elif "cp_weights" in params:
-            backends["cp"] += 1
-            ranks[f"cp R={params['cp_weights'].shape[0]}"] += 1
+        owners = {backend_owning(name) for name in params} - {None}
+        if len(owners) == 1:
+            backend = owners.pop()
+            backends[backend.name] += 1
+            ranks[backend.summary({name: tuple(t.shape) for name, t in params.items()})] += 1
     try:
         config = json.loads(metadata.get("config", "{}"))
     except json.JSONDecodeError:
         config = {}
     composition = metadata.get("composition")
     return {
-        "format": metadata.get("format", "unknown (no liera/1 header)"),
+        "format": metadata.get("format", "unknown (no liera/1 or liera/2 header)"),
         "composition": composition,
         "lie_map": metadata.get("lie_map", "exp") if composition == "lie" else None,
         "method": config.get("method"),
@@ -114,6 +113,64 @@ def format_description(info: dict) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     info = describe(args.file)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+
+
+def preset_rows(unet, rank: int = 8, targets: str = "attn+conv") -> list[dict]:
+    """Every preset's composition, backends and options, and its trainable parameters on `unet`."""
+    from .config import METHODS, AdapterConfig
+    from .inject import add_adapter, delete_adapters, trainable_parameters
+
+    rows = []
+    for method, preset in METHODS.items():
+        config = AdapterConfig(method=method, rank=rank, targets=targets)
+        torch.manual_seed(0)
+        add_adapter(unet, config, "preset")
+        parameters = trainable_parameters(unet)
+        delete_adapters(unet, "preset")
+        composition = config.composition + (f" ({config.lie_map})" if config.composition == "lie" else "")
+        backends = config.backend_for(2)
+        if config.backend_for(4) != backends:
+            backends += f" / {config.backend_for(4)} on convs"
+        options = ", ".join(f"{k}={v}" for k, v in config.backend_options().items())
+        rows.append(
+            {
+                "preset": method,
+                "composition": composition,
+                "backend": backends,
+                "options": options,
+                "scale": config.scale,
+                "parameters": parameters,
+                "paper": preset.paper,
+            }
+        )
+    return rows
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from diffusers import UNet2DConditionModel
+
+    if args.config:
+        config = json.loads(Path(args.config).read_text())
+        unet = UNet2DConditionModel.from_config(config)
+        where = f"{args.config} (random weights)"
+    else:
+        unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
+        where = f"{args.base}/unet"
+    rows = preset_rows(unet, args.rank, args.targets)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"parameters: rank {args.rank}, targets {args.targets}, on {where}")
+    columns = ["preset", "composition", "backend", "options", "scale", "parameters", "paper"]
+    cells = [[f"{r[c]:,}" if c == "parameters" else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return 0
 
 
@@ -222,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=cmd_inspect)
+
+    presets = commands.add_parser(
+        "presets", help="every preset's composition, backends and parameter count on a UNet"
+    )
+    presets.add_argument(
+        "--base",
+        default=str(DEFAULT_BASE),
+        help="a pipeline folder whose unet to count on (default: the toy base)",
+    )
+    presets.add_argument("--config", help="a UNet config JSON to build with random weights instead")
+    presets.add_argument("--rank", type=int, default=8)
+    presets.add_argument("--targets", default="attn+conv")
+    presets.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    presets.set_defaults(run=cmd_presets)
 
     export = commands.add_parser("export", help="a standard (kohya/A1111) LoRA by truncated SVD of W' - W")
     export.add_argument("file", help="the liera/1 adapter file (or run folder)")

@@ -10,9 +10,11 @@
       --resolution 512 --train_batch_size 1 --learning_rate 1e-3 --max_train_steps 500 \\
       --adapter liera --rank 8 --validation_prompt "a photo of sks dog in a bucket"
 
-Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter`, `--backend`,
-`--rank`, `--conv_rank`, `--scale`, `--lie_map` and `--targets`. In `--output_dir` the run leaves
-`adapter.safetensors` (format `liera/1`, see FORMAT.md), `checkpoint-<step>/` folders (resumable with
+Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter` (a preset:
+lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, dora-flora) and
+`--backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
+`--targets`. In `--output_dir` the run leaves `adapter.safetensors` (format `liera/1`, or `liera/2`
+for the newer presets; see FORMAT.md), `checkpoint-<step>/` folders (resumable with
 `--resume_from_checkpoint latest`), `validation/*.png` grids, `metrics.json` and a `README.md` card.
 
 After training it measures the denoising loss, base vs adapted, on the training images (fit), on
@@ -56,7 +58,26 @@ TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET
 # prior preservation and the text encoder adapted, 800 steps at 1e-3 (lora) put the subject in 3 of 4
 # samples on backgrounds training never showed, against 1 in 3 at 400 steps, for class drift +14%.
 DEFAULT_MAX_TRAIN_STEPS = 800
-DEFAULT_LEARNING_RATES = {"liera": 5e-3, "flora": 3e-3, "lora": 1e-3}
+# lora, flora and liera were tuned (above); the other presets take the rate of their family until the
+# quality benchmark tunes them: lie ones (W ⊙ sD is small next to W) and vector scales like liera,
+# additive ones like lora, Tucker-based like flora. One entry per preset of plugin.config.METHODS.
+DEFAULT_LEARNING_RATES = {
+    "liera": 5e-3,
+    "flora": 3e-3,
+    "lora": 1e-3,
+    "hira": 5e-3,
+    "bhra": 5e-3,
+    "abba": 5e-3,
+    "loha": 1e-3,
+    "gralora": 1e-3,
+    "diablo": 1e-3,
+    "ssb": 5e-3,
+    "ssl": 5e-3,
+    "ia3": 5e-3,
+    "dora": 1e-3,
+    "dora-flora": 3e-3,
+}
+BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
@@ -210,7 +231,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Learning rate (after warm-up). Default: per --adapter, "
         + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items())
-        + " (a lie adapter changes W by W*sD, so it needs a larger step than W + sD; liera diverged at 2e-2).",
+        + " (a lie adapter changes W by W*sD, so it needs a larger step than W + sD; liera diverged at 2e-2; "
+        "only lora, flora and liera were tuned).",
     )
     train.add_argument(
         "--scale_lr",
@@ -318,15 +340,29 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--adapter",
         type=str,
         default="liera",
-        choices=["liera", "flora", "lora"],
-        help="liera: W * exp(sD) (lowrank for Linear, Tucker for convs); flora: W + sD, Tucker; lora: W + sD, lowrank.",
+        choices=list(DEFAULT_LEARNING_RATES),
+        help="A preset (docs/METHODS.md): liera: W * exp(sD) (lowrank for Linear, Tucker for convs); flora: "
+        "W + sD, Tucker; lora: W + sD, lowrank; hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, "
+        "dora-flora: the methods of those papers.",
     )
     adapter.add_argument(
         "--backend",
         type=str,
         default=None,
-        choices=["lowrank", "tucker", "cp"],
-        help="Override how D is built for every layer (default: the method's).",
+        choices=BACKENDS,
+        help="Override how D is built for every layer (default: the preset's).",
+    )
+    adapter.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="Channel blocks of blockdiag/blocklowrank (default: the preset's).",
+    )
+    adapter.add_argument(
+        "--init", type=str, default=None, help="The hadamard backend's initialisation: loha or abba."
+    )
+    adapter.add_argument(
+        "--vectors", type=str, default=None, help="The rowcol backend's vectors: both, row or col."
     )
     adapter.add_argument(
         "--rank", type=int, default=8, help="Rank of the adapters (of Linear layers, and convs)."
@@ -338,11 +374,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Rank of conv adapters; several values are per-mode Tucker ranks: out in kh kw.",
     )
-    adapter.add_argument("--scale", type=float, default=1.0, help="The adapters' scale s.")
+    adapter.add_argument(
+        "--scale", type=float, default=None, help="The adapters' scale s (default: the preset's)."
+    )
     adapter.add_argument(
         "--alpha", type=float, default=None, help="LoRA-style alpha: sets scale = alpha / rank."
     )
-    adapter.add_argument("--lie_map", type=str, default="exp", choices=["exp", "linear"], help="LieRA's map.")
+    adapter.add_argument(
+        "--lie_map",
+        type=str,
+        default=None,
+        choices=["exp", "linear"],
+        help="A lie adapter's map (default: the preset's).",
+    )
     adapter.add_argument(
         "--targets",
         type=str,
@@ -388,10 +432,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--conv_rank must be positive integers, got {' '.join(map(str, args.conv_rank))}")
         if len(args.conv_rank) == 1:
             args.conv_rank = args.conv_rank[0]
-        elif args.backend in ("lowrank", "cp") or args.adapter == "lora" and args.backend is None:
-            parser.error(
-                "--conv_rank with several values (per-mode ranks) needs the tucker backend for convolutions"
-            )
     if args.targets not in TARGET_PRESETS:
         patterns = [pattern.strip() for pattern in args.targets.split(",") if pattern.strip()]
         for pattern in patterns:
@@ -402,6 +442,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not patterns:
             parser.error("--targets is empty")
         args.targets = patterns
+    try:
+        config = adapter_config_from(args, base_model=None)
+    except ValueError as error:
+        parser.error(f"adapter: {error}")
+    if isinstance(args.conv_rank, list) and config.backend_for(4) != "tucker":
+        parser.error(
+            "--conv_rank with several values (per-mode ranks) needs the tucker backend for convolutions"
+        )
+    args.scale = config.scale
 
     if args.instance_data_dir is None:
         args.instance_data_dir = str(DEFAULT_SUBJECT)
@@ -932,7 +981,7 @@ Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_ima
 "{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
 learning rate {args.learning_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
 scale {args.scale}, targets `{args.targets}`), text encoder adapted: {args.train_text_encoder}.
-The file is `adapter.safetensors` in the `liera/1` format (FORMAT.md).
+The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
 
 ```python
 from pipelines import LieraStableDiffusionPipeline
@@ -960,6 +1009,25 @@ Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} 
             "![before and after](validation/before_after.png)\n"
         )
     Path(args.output_dir, "README.md").write_text(card)
+
+
+def adapter_config_from(args: argparse.Namespace, base_model: str | None):
+    """The `AdapterConfig` the command line asks for (the preset fills in what it leaves unset)."""
+    options = (
+        "backend",
+        "lie_map",
+        "rank",
+        "conv_rank",
+        "alpha",
+        "scale",
+        "blocks",
+        "init",
+        "vectors",
+        "targets",
+    )
+    return AdapterConfig(
+        method=args.adapter, base_model=base_model, **{name: getattr(args, name) for name in options}
+    )
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -1036,17 +1104,7 @@ def main(args: argparse.Namespace) -> dict:
     # The adapters: zero-initialised (the model starts exactly at the base), float32, trainable.
     # Same seed on every process, so data-parallel ranks start identical.
     torch.manual_seed(args.seed)
-    adapter_config = AdapterConfig(
-        method=args.adapter,
-        backend=args.backend,
-        lie_map=args.lie_map,
-        rank=args.rank,
-        conv_rank=args.conv_rank,
-        alpha=args.alpha,
-        scale=args.scale,
-        targets=args.targets,
-        base_model=display_name(base),
-    )
+    adapter_config = adapter_config_from(args, base_model=display_name(base))
     adapted = plugin.add_adapter(unet, adapter_config, ADAPTER_NAME)
     trained = {"unet": unet}
     if args.train_text_encoder:

@@ -92,6 +92,11 @@ class Backend(nn.Module):
     # --- files ----------------------------------------------------------------------------------
 
     @classmethod
+    def summary(cls, shapes: dict[str, tuple[int, ...]]) -> str:
+        """A module's ranks in a few words, from its tensors' shapes (`inspect`)."""
+        return cls.name
+
+    @classmethod
     def owns(cls, tensor_name: str) -> bool:
         return re.fullmatch(cls.tensor_names, tensor_name) is not None
 

@@ -49,6 +49,10 @@ class BlockDiag(Backend):
         return out_positions * self.blockdiag_blocks.numel()
 
     @classmethod
+    def summary(cls, shapes):
+        return f"blockdiag {shapes['blockdiag_blocks'][0]} blocks"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         found = tensors.get("blockdiag_blocks", ())
         n = found[0] if len(found) == len(shape) + 1 and found[0] > 0 else -1

@@ -56,6 +56,11 @@ class BlockLowRank(Backend):
         return out_positions * (self.block_up.numel() + self.block_down.numel())
 
     @classmethod
+    def summary(cls, shapes):
+        n, _, _, r = shapes["block_up"]
+        return f"blocklowrank {n}x{n} blocks r={r}"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         up = tensors.get("block_up", ())
         n = up[0] if len(up) == 4 and up[0] > 0 else -1

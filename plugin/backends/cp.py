@@ -37,6 +37,10 @@ class CP(Backend):
         return math.prod(self.shape) * self.cp_weights.shape[0] * len(self.shape)
 
     @classmethod
+    def summary(cls, shapes):
+        return f"cp R={shapes['cp_weights'][0]}"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         weights = tensors.get("cp_weights", ())
         r = weights[0] if len(weights) == 1 else -1

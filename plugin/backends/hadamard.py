@@ -59,6 +59,10 @@ class Hadamard(Backend):
         return math.prod(self.shape) * (self.hada_w1_b.shape[0] + self.hada_w2_b.shape[0] + 1)
 
     @classmethod
+    def summary(cls, shapes):
+        return f"hadamard r={shapes['hada_w1_a'][1]}x{shapes['hada_w2_a'][1]}"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         def rank(name: str) -> int:
             return tensors[name][1] if len(tensors.get(name, ())) == 2 else -1

@@ -46,6 +46,10 @@ class LowRank(Backend):
         return out_positions * r * (width + out)
 
     @classmethod
+    def summary(cls, shapes):
+        return f"lowrank r={shapes['lora_down'][0]}"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         r = tensors["lora_down"][0] if len(tensors.get("lora_down", ())) == 2 else -1
         return {"lora_down": (r, fan_in(shape)), "lora_up": (shape[0], r)}

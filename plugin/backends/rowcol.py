@@ -48,6 +48,10 @@ class RowCol(Backend):
         return 2 * math.prod(self.shape)
 
     @classmethod
+    def summary(cls, shapes):
+        return "rowcol " + "+".join(name for name in ("row", "col") if name in shapes)
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         sizes = {"row": (shape[0],), "col": (shape[1],)}
         present = {name: size for name, size in sizes.items() if name in tensors}

@@ -77,6 +77,10 @@ class Tucker(Backend):
         )
 
     @classmethod
+    def summary(cls, shapes):
+        return f"tucker core {tuple(shapes['tucker_core'])}"
+
+    @classmethod
     def expected_shapes(cls, shape, tensors):
         core = tensors.get("tucker_core", ())
         ranks = list(core) if len(core) == len(shape) else [-1] * len(shape)
