@@ -198,24 +198,44 @@ def _base_of(adapter: str, base: str | None) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import format_table, lora_parameter_count, lora_state_dict, save_lora
+    from . import export
 
-    if args.rank is None and args.energy is None:
-        raise SystemExit("export: give --rank R, --energy E, or both")
     source = resolve_adapter_path(args.file)
-    out = Path(args.out) if args.out else source.with_name(f"{_stem(source)}_lora.safetensors")
     base = _base_of(args.file, args.base)
     # float32 weights: a lie adapter's delta W ⊙ (exp(sD) - 1) depends on W.
     pipe = load_pipeline(base, torch.float32, args.device)
     name = pipe.load_adapter(source, adapter_name="export")
-    state, report = lora_state_dict(pipe.liera_models(), name, args.rank, args.energy, DTYPES[args.dtype])
-    info = {"liera_source": source.name, "liera_base_model": base}
+    models = pipe.liera_models()
+    layout = export.exact_layout(models, name) if args.format == "auto" else args.format
+    dtype = DTYPES[args.dtype]
+    if layout == "lora":
+        rank = args.rank
+        if rank is None and args.energy is None:
+            rank = export.own_rank(models, name)
+            if rank is None:
+                raise SystemExit(
+                    "export: this adapter is not a LoRA exactly (it needs an SVD): give --rank R, --energy E, or both"
+                )
+        state, report = export.lora_state_dict(models, name, rank, args.energy, dtype)
+    elif layout == "loha":
+        state, report = export.loha_state_dict(models, name, dtype)
+    else:
+        state, report = export.dora_state_dict(models, name, dtype)
+    out = Path(args.out) if args.out else source.with_name(f"{_stem(source)}_{layout}.safetensors")
+    info = {"liera_source": source.name, "liera_base_model": base, "liera_layout": layout}
     info.update(
         {f"liera_{k}": str(v) for k, v in [("rank", args.rank), ("energy", args.energy)] if v is not None}
     )
-    save_lora(out, state, report, info)
-    print(format_table(report))
-    print(f"wrote {out} ({lora_parameter_count(state):,} parameters, {args.dtype})")
+    export.save_lora(out, state, report, info)
+    print(export.format_table(report))
+    total = export.summary(report)
+    exact = all(m.exact_factors or m.rank == 0 for m in report)
+    verdict = "exact (the adapter's own tensors)" if exact else "lossy (truncated SVD)"
+    print(
+        f"{layout} export, {verdict}: relative error of W' - W mean {total['mean_relative_error']:.2e}, "
+        f"max {total['max_relative_error']:.2e} ({args.dtype})"
+    )
+    print(f"wrote {out} ({export.lora_parameter_count(state):,} parameters, {args.dtype})")
     return 0
 
 
@@ -294,11 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--json", action="store_true", help="print JSON instead of a table")
     presets.set_defaults(run=cmd_presets)
 
-    export = commands.add_parser("export", help="a standard (kohya/A1111) LoRA by truncated SVD of W' - W")
-    export.add_argument("file", help="the liera/1 adapter file (or run folder)")
+    export = commands.add_parser(
+        "export",
+        help="a file other tools read: LoHa (hadamard), DoRA (dora + lowrank), else a kohya LoRA (SVD of W' - W)",
+    )
+    export.add_argument("file", help="the liera/1 or liera/2 adapter file (or run folder)")
+    export.add_argument(
+        "--format",
+        choices=("auto", "lora", "loha", "dora"),
+        default="auto",
+        help="auto: the layout that holds the adapter exactly (LyCORIS LoHa keys for additive hadamard, "
+        "diffusers/PEFT DoRA keys for dora + lowrank), else a kohya LoRA",
+    )
     export.add_argument("--base", help="the base pipeline (folder or hub id); default: the file's base_model")
-    export.add_argument("--out", help="output .safetensors (default: <adapter>_lora.safetensors beside it)")
-    export.add_argument("--rank", type=int, help="keep at most this rank per module")
+    export.add_argument(
+        "--out", help="output .safetensors (default: <adapter>_<format>.safetensors beside it)"
+    )
+    export.add_argument(
+        "--rank",
+        type=int,
+        help="LoRA: keep at most this rank per module (default: the adapter's own, if exact)",
+    )
     export.add_argument(
         "--energy", type=float, help="keep the fewest ranks holding this share of sum(sigma^2)"
     )

@@ -101,6 +101,34 @@ def kohya_prefixes(models: Mapping[str, nn.Module]) -> dict[str, str]:
     return SDXL_PREFIXES if "text_encoder_2" in models else PREFIXES
 
 
+def adapted_modules(
+    models: Mapping[str, nn.Module], adapter_name: str, layout: str, prefixes: Mapping[str, str] | None = None
+) -> list[tuple[str, str, AdaptedLayer]]:
+    """`(component, module path, layer)` of every module with the adapter, refusing what `layout`
+    can't hold: fused adapters, grouped convs, components without a key prefix."""
+    found = []
+    for component, model in models.items():
+        if adapter_name not in list_adapters(model):
+            continue
+        if prefixes is not None and component not in prefixes:
+            raise ValueError(f"the {layout} layout has no key prefix for component {component!r}")
+        for path, layer in adapted_layers(model).items():
+            if adapter_name not in layer.adapters:
+                continue
+            if layer.fused:
+                raise ValueError(f"{component}.{path} has fused adapters {list(layer.fused)}: unfuse first")
+            if getattr(layer.base_layer, "groups", 1) != 1:
+                raise ValueError(f"{component}.{path} is a grouped conv, which a {layout} cannot express")
+            found.append((component, path, layer))
+    if not found:
+        raise ValueError(f"no adapter named {adapter_name!r} in {sorted(models)}")
+    return found
+
+
+def relative_error(expected: torch.Tensor, stored: torch.Tensor) -> float:
+    return float(torch.linalg.norm(expected - stored) / torch.linalg.norm(expected).clamp_min(1e-30))
+
+
 def lora_state_dict(
     models: Mapping[str, nn.Module],
     adapter_name: str,
@@ -115,22 +143,10 @@ def lora_state_dict(
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     prefixes = kohya_prefixes(models)
-    work = []
-    for component, model in models.items():
-        if adapter_name not in list_adapters(model):
-            continue
-        if component not in prefixes:
-            raise ValueError(f"the kohya LoRA layout has no key prefix for component {component!r}")
-        for path, layer in adapted_layers(model).items():
-            if adapter_name not in layer.adapters:
-                continue
-            if layer.fused:
-                raise ValueError(f"{component}.{path} has fused adapters {list(layer.fused)}: unfuse first")
-            if getattr(layer.base_layer, "groups", 1) != 1:
-                raise ValueError(f"{component}.{path} is a grouped conv, which a LoRA cannot express")
-            work.append((kohya_name(prefixes[component], path), layer))
-    if not work:
-        raise ValueError(f"no adapter named {adapter_name!r} in {sorted(models)}")
+    work = [
+        (kohya_name(prefixes[component], path), layer)
+        for component, path, layer in adapted_modules(models, adapter_name, "kohya LoRA", prefixes)
+    ]
 
     with torch.no_grad():
         factors = {}
@@ -208,3 +224,109 @@ def format_table(report: list[ModuleExport]) -> str:
 
 def lora_parameter_count(state: dict[str, torch.Tensor]) -> int:
     return sum(math.prod(t.shape) for k, t in state.items() if not k.endswith(".alpha"))
+
+
+def _require(layer: AdaptedLayer, adapter: Adapter, where: str, composition: str, backend: str, layout: str):
+    if (adapter.composition.name, adapter.backend.name) != (composition, backend):
+        raise ValueError(
+            f"{where}: a {layout} holds {composition} + {backend} adapters exactly; this module is "
+            f"{adapter.composition.name} + {adapter.backend.name} (export it as a LoRA instead)"
+        )
+
+
+def loha_state_dict(
+    models: Mapping[str, nn.Module], adapter_name: str, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
+    """LyCORIS/kohya LoHa keys (`<kohya name>.hada_w1_a`, ..., `.alpha`) of an additive hadamard adapter:
+    exact. LyCORIS rebuilds `(w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r` with `r = w1_b.shape[0]`, so
+    `alpha = r` and the scale `s` goes into `w1_a`."""
+    prefixes = kohya_prefixes(models)
+    state, report = {}, []
+    with torch.no_grad():
+        for component, path, layer in adapted_modules(models, adapter_name, "LoHa", prefixes):
+            adapter = layer.adapters[adapter_name]
+            _require(layer, adapter, f"{component}.{path}", "additive", "hadamard", "LoHa")
+            key, backend = kohya_name(prefixes[component], path), adapter.backend
+            tensors = {
+                "hada_w1_a": adapter.scale * backend.hada_w1_a,
+                "hada_w1_b": backend.hada_w1_b,
+                "hada_w2_a": backend.hada_w2_a,
+                "hada_w2_b": backend.hada_w2_b,
+            }
+            tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
+            r = tensors["hada_w1_b"].shape[0]
+            state.update({f"{key}.{name}": t for name, t in tensors.items()})
+            state[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
+            stored = (tensors["hada_w1_a"].float() @ tensors["hada_w1_b"].float()) * (
+                tensors["hada_w2_a"].float() @ tensors["hada_w2_b"].float()
+            )
+            expected = effective_delta(layer, adapter).reshape(stored.shape)
+            shape = tuple(layer.base_layer.weight.shape)
+            report.append(ModuleExport(key, shape, r, relative_error(expected, stored), True))
+    return state, report
+
+
+def dora_state_dict(
+    models: Mapping[str, nn.Module], adapter_name: str, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
+    """diffusers/PEFT DoRA keys (`<component>.<module>.lora_A.weight`, `.lora_B.weight`,
+    `.lora_magnitude_vector.weight`) of a dora + lowrank adapter: exact. diffusers' `load_lora_weights`
+    reads them (it drops kohya's `dora_scale` keys); its alpha defaults to the rank, so `s` goes into
+    `lora_B`. (transformers' text-encoder loader wants the magnitude's `.weight`; PEFT takes either.)"""
+    state, report = {}, []
+    with torch.no_grad():
+        for component, path, layer in adapted_modules(models, adapter_name, "DoRA"):
+            adapter = layer.adapters[adapter_name]
+            _require(layer, adapter, f"{component}.{path}", "dora", "lowrank", "DoRA")
+            shape = tuple(layer.base_layer.weight.shape)
+            up = (adapter.scale * adapter.backend.lora_up).to("cpu", dtype).contiguous()
+            down = adapter.backend.lora_down.detach().to("cpu", dtype).contiguous()
+            magnitude = adapter.magnitude.detach().to("cpu", dtype)
+            r, key = down.shape[0], f"{component}.{path}"
+            state[f"{key}.lora_A.weight"] = down.reshape(r, *shape[1:])
+            state[f"{key}.lora_B.weight"] = up.reshape(shape[0], r, *[1] * len(shape[2:]))
+            # PEFT keeps a conv's magnitude as (1, out, 1, 1), a Linear's as (out,).
+            state[f"{key}.lora_magnitude_vector.weight"] = (
+                magnitude.reshape(1, -1, *[1] * len(shape[2:])) if len(shape) > 2 else magnitude
+            )
+            weight = layer.original_weight().float().reshape(shape[0], -1)
+            direction = weight + up.float() @ down.float()
+            stored = magnitude.float()[:, None] / direction.norm(dim=1, keepdim=True) * direction - weight
+            expected = effective_delta(layer, adapter).reshape(stored.shape)
+            report.append(ModuleExport(key, shape, r, relative_error(expected, stored), True))
+    return state, report
+
+
+LAYOUTS = ("lora", "loha", "dora")
+
+
+def exact_layout(models: Mapping[str, nn.Module], adapter_name: str) -> str:
+    """The layout that holds this adapter exactly: `loha` for additive + hadamard, `dora` for dora +
+    lowrank, else `lora` (exact for an additive update that is one matrix product, else an SVD)."""
+    kinds = set()
+    for model in models.values():
+        for layer in adapted_layers(model).values():
+            if adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                kinds.add((adapter.composition.name, adapter.backend.name))
+    if kinds == {("additive", "hadamard")}:
+        return "loha"
+    if kinds == {("dora", "lowrank")}:
+        return "dora"
+    return "lora"
+
+
+def own_rank(models: Mapping[str, nn.Module], adapter_name: str) -> int | None:
+    """The largest rank at which a `lora` export is exact (an added update that is one matrix
+    product on every module), or None if some module needs an SVD."""
+    ranks = []
+    for model in models.values():
+        for layer in adapted_layers(model).values():
+            if adapter_name not in layer.adapters:
+                continue
+            adapter = layer.adapters[adapter_name]
+            if not (adapter.composition.bypassable and adapter.backend.has_factors):
+                return None
+            with torch.no_grad():
+                ranks.append(adapter.factors(1.0)[1].shape[0])
+    return max(ranks, default=None)

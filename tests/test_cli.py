@@ -75,6 +75,56 @@ def test_export_writes_a_lora_that_diffusers_loads(tmp_path, base_dir, capsys):
     assert json.loads(capsys.readouterr().out)["modules"] == info["modules"]
 
 
+def lycoris_load(unet, state):
+    """LyCORIS' own loader (the one ComfyUI's matches) puts a kohya-keyed file on a diffusers UNet."""
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})
+    try:
+        network, _ = create_lycoris_from_weights(1.0, "", unet, weights_sd=dict(state))
+    finally:
+        LycorisNetwork.apply_preset({"lora_prefix": "lycoris"})
+    network.apply_to()
+    return network
+
+
+@pytest.mark.parametrize("method, layout", [("loha", "loha"), ("dora", "dora")])
+def test_exact_exports_load_in_the_tools_that_read_them(tmp_path, base_dir, capsys, method, layout):
+    """LoHa keys through LyCORIS' loader; DoRA keys through diffusers' `load_lora_weights`."""
+    components = ("unet",) if layout == "loha" else ("unet", "text_encoder")
+    maker = tiny.sd(tmp_path)
+    path = tiny.adapter_file(tmp_path / f"{method}.safetensors", maker, method, components=components)
+    assert main(["export", str(path), "--base", str(base_dir), "--dtype", "fp32"]) == 0
+    assert f"{layout} export, exact" in capsys.readouterr().out
+    out = tmp_path / f"{method}_{layout}.safetensors"
+    ours = LieraStableDiffusionPipeline.from_pretrained(base_dir)
+    ours.set_progress_bar_config(disable=True)
+    ours.load_adapter(path)
+    reference = StableDiffusionPipeline.from_pretrained(base_dir)
+    reference.set_progress_bar_config(disable=True)
+    base = tiny.generate(reference)
+    if layout == "loha":
+        network = lycoris_load(reference.unet, load_file(out))
+        assert network.algo_table == {"LohaModule": len(network.loras)} and len(network.loras) > 10
+    else:
+        reference.load_lora_weights(str(out))
+    expected = tiny.generate(ours)
+    torch.testing.assert_close(tiny.generate(reference), expected, atol=1e-4, rtol=0)
+    assert (expected - base).abs().max() > 1e-2
+
+
+def test_lossy_exports_say_so(tmp_path, base_dir, capsys):
+    path = tiny.adapter_file(tmp_path / "s.safetensors", tiny.sd(tmp_path), "liera", components=("unet",))
+    with pytest.raises(SystemExit, match="needs an SVD"):
+        main(["export", str(path), "--base", str(base_dir)])
+    assert main(["export", str(path), "--base", str(base_dir), "--rank", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "lora export, lossy (truncated SVD): relative error of W' - W mean" in printed
+    with pytest.raises(ValueError, match="a LoHa holds additive \\+ hadamard adapters exactly"):
+        main(["export", str(path), "--base", str(base_dir), "--format", "loha"])
+
+
 def test_merge_saves_a_plain_diffusers_pipeline_with_the_adapters_fused(tmp_path, base_dir):
     maker = tiny.sd(tmp_path)
     liera = tiny.adapter_file(tmp_path / "subject.safetensors", maker, "liera", seed=3)
@@ -117,8 +167,6 @@ def test_merge_saves_a_plain_diffusers_pipeline_with_the_adapters_fused(tmp_path
 def test_cli_errors_and_adapter_specs(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
     assert "no adapter file" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="give --rank"):
-        main(["export", str(tmp_path / "a.safetensors"), "--base", "x"])
     assert parse_adapter("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_adapter("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_adapter("C:\\runs\\a.safetensors") == ("C:\\runs\\a.safetensors", 1.0)
