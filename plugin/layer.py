@@ -269,7 +269,10 @@ class _RecomputedWeight(torch.autograd.Function):
             del weight  # the workspace is the next layer's
             grad_update = grad_update.reshape(left.shape[0], right.shape[1])
             grad_left, grad_right = grad_update @ right.detach().T, left.detach().T @ grad_update
-        grad_params = torch.autograd.grad((left, right), params, (grad_left, grad_right), allow_unused=True)
+        # A factor can be a constant (rowcol's ones): only the ones with a graph pass gradients on.
+        pairs = [(f, g) for f, g in ((left, grad_left), (right, grad_right)) if f.requires_grad]
+        outputs, grads = zip(*pairs)
+        grad_params = torch.autograd.grad(outputs, params, grads, allow_unused=True)
         return (None, None, grad_x, *grad_params)
 
 

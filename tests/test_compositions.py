@@ -26,6 +26,8 @@ VARIANTS = [
     ("lie", "blocklowrank", "linear"),
     ("lie", "rowcol", "exp"),
     ("lie", "rowcol", "linear"),
+    ("lie", "rowcol:row", "linear"),  # (IA)³
+    ("lie", "rowcol:col", "exp"),
     ("additive", "rowcol", "exp"),
     ("dora", "lowrank", "exp"),
     ("dora", "tucker", "exp"),
@@ -77,6 +79,7 @@ def adapted_block(variants, scale=0.7, targets=("conv", "proj")):
     torch.manual_seed(0)
     block = Block()
     for i, (composition, backend, lie_map) in enumerate(variants):
+        backend, _, vectors = backend.partition(":")
         config = AdapterConfig(
             method="lora",
             composition=composition,
@@ -84,6 +87,7 @@ def adapted_block(variants, scale=0.7, targets=("conv", "proj")):
             lie_map=lie_map,
             rank=[3, 3, 2, 2] if backend == "tucker" else 4,
             blocks=2 if backend.startswith("block") else None,
+            vectors=vectors or None,
             targets=list(targets),
             scale=scale,
         )
@@ -238,7 +242,9 @@ def test_training_keeps_no_copy_of_the_weight_and_gets_the_same_gradients(monkey
     assert_same_gradients_as_plain_autograd(block, torch.randn(4, 6, 7, 7, requires_grad=True), monkeypatch)
 
 
-IN_PLACE = [v for v in VARIANTS if v[0] == "lie" and v[1] in ("lowrank", "tucker", "cp", "rowcol")]
+IN_PLACE = [
+    v for v in VARIANTS if v[0] == "lie" and v[1].split(":")[0] in ("lowrank", "tucker", "cp", "rowcol")
+]
 
 
 @pytest.mark.parametrize("variant", IN_PLACE + [("additive", "cp", "exp")])

@@ -1,11 +1,17 @@
 """Every preset: built by name, starting exactly at the base model, with its paper's structure."""
 
+import copy
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import plugin
+from pipelines import LieraStableDiffusionPipeline
 from plugin import METHODS, AdapterConfig
+from plugin.training import list_images, load_rgb, to_model_input, tokenize_prompt
 
 
 class Block(nn.Module):
@@ -100,3 +106,68 @@ def test_options_that_a_backend_does_not_take_are_refused():
     AdapterConfig(method="lora", backend="rowcol", vectors="row")
     with pytest.raises(ValueError, match="unknown adapter method"):
         AdapterConfig(method="lycoris")
+
+
+# --- a few training steps per preset on the shipped toy base -------------------------------------------
+
+TOY = Path(__file__).resolve().parents[1] / "assets" / "toy-sd"
+SUBJECT = Path(__file__).resolve().parents[1] / "assets" / "subject"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pipe = LieraStableDiffusionPipeline.from_pretrained(TOY)
+    pipe.set_progress_bar_config(disable=True)
+    images = [to_model_input(load_rgb(path), 64, center_crop=True) for path in list_images(SUBJECT)[:2]]
+    pixels = torch.stack(images)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        base = generate(pipe)
+    return pipe, latents, base
+
+
+def generate(pipe) -> torch.Tensor:
+    out = pipe(
+        "a sks circle",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+    return out.images
+
+
+def train_a_few_steps(pipe, latents: torch.Tensor, steps: int = 3) -> None:
+    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    tokens = tokenize_prompt(pipe.tokenizer, "a sks circle")
+    for _ in range(steps):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (len(latents),), generator=generator)
+        hidden = pipe.text_encoder(tokens)[0].expand(len(latents), -1, -1)
+        pred = pipe.unet(pipe.scheduler.add_noise(latents, noise, t), t, hidden).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_a_few_training_steps_save_and_load_into_a_fresh_pipeline_identically(toy, method, tmp_path):
+    pipe, latents, base = toy
+    trained = copy.deepcopy(pipe)
+    config = AdapterConfig(method=method, rank=4)
+    torch.manual_seed(0)
+    plugin.add_adapter(trained.unet, config, "subject")
+    plugin.add_adapter(trained.text_encoder, dataclasses.replace(config, targets="attn"), "subject")
+    train_a_few_steps(trained, latents)
+    path = trained.save_adapter(tmp_path / f"{method}.safetensors", "subject")
+    fresh = copy.deepcopy(pipe)
+    fresh.load_adapter(path)
+    with torch.no_grad():
+        expected = generate(trained)
+        assert torch.equal(generate(fresh), expected)
+    assert (expected - base).abs().max() > 1e-4  # training moved the model
+    # liera/1 when the file needs nothing newer: hira is lie (linear) + lowrank, both liera/1.
+    version = "liera/1" if method in ("lora", "flora", "liera", "hira") else "liera/2"
+    assert plugin.read_adapter_file(path)[1]["format"] == version
