@@ -99,13 +99,13 @@ def unet_output(base: Path, adapter: Path | None = None) -> torch.Tensor:
         return unet(sample, torch.tensor([500]), hidden).sample
 
 
-@pytest.mark.parametrize("method", ["liera", "flora", "lora"])
+@pytest.mark.parametrize("method", ["liera", "flora", "lora", "dora"])
 def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method):
     output_dir = reference_run(tiny, method)
     adapter = output_dir / "adapter.safetensors"
     with safe_open(str(adapter), framework="pt") as handle:
         metadata = handle.metadata()
-    assert metadata["format"] == "liera/1"
+    assert metadata["format"] == ("liera/2" if method == "dora" else "liera/1")
     assert json.loads(metadata["config"])["method"] == method
     assert metadata["base_model"] == str(tiny["base"])
     # Loadable into a fresh copy of the base, and trained: the adapter moved the model away from it.
@@ -309,7 +309,10 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     assert "--rank must be a positive integer, got 0" in refusal(
         script, capsys, [*base, *data, "--rank", "0"]
     )
-    assert "invalid choice: 'dora'" in refusal(script, capsys, [*base, *data, "--adapter", "dora"])
+    assert "invalid choice: 'dorra'" in refusal(script, capsys, [*base, *data, "--adapter", "dorra"])
+    assert "blocks does not apply to the lowrank" in refusal(
+        script, capsys, [*base, *data, "--adapter", "lora", "--blocks", "4"]
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "photo.png").write_bytes(b"this is not a PNG")

@@ -683,6 +683,27 @@ def _check_base_model(parser: argparse.ArgumentParser, name: str) -> None:
         parser.error(sdxl_message(name, reason))
 
 
+def adapter_config_from(args: argparse.Namespace, base_model: str | None):
+    """The `AdapterConfig` the command line asks for (the preset fills in what it leaves unset)."""
+    from plugin.config import AdapterConfig  # the one heavy import argument checking needs (torch)
+
+    options = (
+        "backend",
+        "lie_map",
+        "rank",
+        "conv_rank",
+        "alpha",
+        "scale",
+        "blocks",
+        "init",
+        "vectors",
+        "targets",
+    )
+    return AdapterConfig(
+        method=args.adapter, base_model=base_model, **{name: getattr(args, name) for name in options}
+    )
+
+
 if __name__ == "__main__":
     ARGS = parse_args()
 
@@ -713,7 +734,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
 
 import plugin  # noqa: E402
-from plugin import AdapterConfig  # noqa: E402
 from plugin.training import (  # noqa: E402
     NOISE_KEY,
     DreamBoothDataset,
@@ -1009,25 +1029,6 @@ Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} 
             "![before and after](validation/before_after.png)\n"
         )
     Path(args.output_dir, "README.md").write_text(card)
-
-
-def adapter_config_from(args: argparse.Namespace, base_model: str | None):
-    """The `AdapterConfig` the command line asks for (the preset fills in what it leaves unset)."""
-    options = (
-        "backend",
-        "lie_map",
-        "rank",
-        "conv_rank",
-        "alpha",
-        "scale",
-        "blocks",
-        "init",
-        "vectors",
-        "targets",
-    )
-    return AdapterConfig(
-        method=args.adapter, base_model=base_model, **{name: getattr(args, name) for name in options}
-    )
 
 
 def main(args: argparse.Namespace) -> dict:
