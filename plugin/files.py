@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .backends import BACKEND_CLASSES, backend_owning
-from .compositions import COMPOSITION_CLASSES, composition_from
+from .compositions import COMPOSITION_CLASSES, compose, composition_from
 from .config import AdapterConfig
 from .inject import (
     adaptable_layers,
@@ -132,6 +132,7 @@ def load_adapter(
         tensors, metadata = read_adapter_file(where)
         adapter_name = adapter_name or Path(where).stem
     plan, config = plan_load(tensors, metadata, models, where)
+    check_adapted_weights(plan, models, weight, where)
     for component, model in models.items():
         if adapter_name in list_adapters(model):
             raise AdapterFileError(f"{where}: {component} already has an adapter named {adapter_name!r}")
@@ -228,6 +229,25 @@ def plan_load(
         adapter = Adapter(backend, composition, float(scale), extra).to(layer.weight.device)
         plan.setdefault(component, {})[module] = adapter
     return plan, config
+
+
+@torch.no_grad()
+def check_adapted_weights(
+    plan: dict[str, dict[str, Adapter]], models: Mapping[str, nn.Module], weight: float, where: str
+) -> None:
+    """Refuse a file whose adapted weight `W'` (alone, at user weight `weight`) is not finite in the
+    layer's dtype: finite tensors can still overflow (a huge scale, an `exp` of a large update)."""
+    for component, adapters in plan.items():
+        layers = adaptable_layers(models[component])
+        for module, adapter in adapters.items():
+            layer = layers[module]
+            original = layer.original_weight() if hasattr(layer, "original_weight") else layer.weight
+            adapted = compose(original, [adapter.term(weight, original)], original.dtype)
+            if not torch.isfinite(adapted).all():
+                raise AdapterFileError(
+                    f"{where}: {component}.{module} would get a non-finite adapted weight W' at weight {weight} "
+                    f"(its update overflows {original.dtype})"
+                )
 
 
 def _same_module(module: str, layers: Mapping[str, nn.Module]) -> str:

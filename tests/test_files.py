@@ -209,3 +209,20 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == original
     assert not list(tmp_path.glob(".*.tmp"))
     assert isinstance(unet.down_blocks[0].resnets[0].conv1, AdaptedLayer)
+
+
+def huge_scale(t):
+    t["unet.mid_block.resnets.0.conv1.scale"] = torch.tensor(1e6)
+
+
+def test_finite_tensors_whose_adapted_weight_overflows_are_refused(tmp_path):
+    _, path = trained_file(tmp_path, "liera")
+    bad = corrupt(path, tmp_path, huge_scale)
+    target = fresh_unet()
+    before = snapshot(target)
+    with pytest.raises(
+        AdapterFileError, match=r"mid_block\.resnets\.0\.conv1 would get a non-finite adapted weight"
+    ):
+        plugin.load_adapter(bad, {"unet": target})
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert not plugin.list_adapters(target)
