@@ -297,9 +297,6 @@ def dora_state_dict(
     return state, report
 
 
-LAYOUTS = ("lora", "loha", "dora")
-
-
 def exact_layout(models: Mapping[str, nn.Module], adapter_name: str) -> str:
     """The layout that holds this adapter exactly: `loha` for additive + hadamard, `dora` for dora +
     lowrank, else `lora` (exact for an additive update that is one matrix product, else an SVD)."""
