@@ -64,11 +64,18 @@ REFERENCE = "peft-lora"
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 FLORA_CONV_RANK = [8, 8, 2, 2]
 
-# name -> (library, options). Rank 8 everywhere (alpha = rank, so every scale is 1).
+# name -> (library, options). Rank 8 everywhere (alpha = rank, so every scale is 1). `targets` (a preset
+# of this library, default attn+conv) is what every library adapts: PEFT's GraLoRA takes Linear layers only.
 CONTENDERS: dict[str, tuple[str, dict]] = {
     "peft-lora": ("peft", {"r": 8}),
+    "peft-hira": ("peft", {"tuner": "hira", "r": 8}),
+    "peft-dora": ("peft", {"tuner": "dora", "r": 8}),
+    "peft-loha": ("peft", {"tuner": "loha", "r": 8}),
+    "peft-gralora": ("peft", {"tuner": "gralora", "r": 8, "targets": "attn"}),
+    "peft-ia3": ("peft", {"tuner": "ia3"}),
     "lycoris-locon-tucker": ("lycoris", {"algo": "locon", "use_tucker": True}),
     "lycoris-loha": ("lycoris", {"algo": "loha", "use_tucker": False}),
+    "lycoris-dora": ("lycoris", {"algo": "locon", "use_tucker": False, "dora_wd": True}),
     "lora": ("ours", {"method": "lora", "rank": 8}),
     "flora": ("ours", {"method": "flora", "rank": 8, "conv_rank": FLORA_CONV_RANK}),
     "liera-lowrank-exp": ("ours", {"method": "liera", "backend": "lowrank", "rank": 8}),
@@ -81,17 +88,56 @@ CONTENDERS: dict[str, tuple[str, dict]] = {
         "ours",
         {"method": "liera", "rank": 8, "conv_rank": FLORA_CONV_RANK, "lie_map": "linear"},
     ),
+    "hira": ("ours", {"method": "hira", "rank": 8}),
+    "abba": ("ours", {"method": "abba", "rank": 4}),
+    "loha": ("ours", {"method": "loha", "rank": 8}),
+    "bhra": ("ours", {"method": "bhra", "rank": 8}),
+    "gralora": ("ours", {"method": "gralora", "rank": 8}),
+    "gralora-attn": ("ours", {"method": "gralora", "rank": 8, "targets": "attn"}),
+    "diablo": ("ours", {"method": "diablo"}),
+    "ssb": ("ours", {"method": "ssb"}),
+    "ssl": ("ours", {"method": "ssl"}),
+    "ia3": ("ours", {"method": "ia3"}),
+    "dora": ("ours", {"method": "dora", "rank": 8}),
+    "dora-flora": ("ours", {"method": "dora-flora", "rank": 8, "conv_rank": FLORA_CONV_RANK}),
+}
+# Ours -> the other libraries' implementations of the same method, compared in their own table.
+SAME_METHOD = {
+    "hira": ["peft-hira"],
+    "dora": ["peft-dora", "lycoris-dora"],
+    "loha": ["peft-loha", "lycoris-loha"],
+    "gralora-attn": ["peft-gralora"],
+    "ia3": ["peft-ia3"],
+    "flora": ["lycoris-locon-tucker"],
 }
 NOTES = {
     "peft-lora": "PEFT LoraConfig(r=8, lora_alpha=8) through diffusers' `unet.add_adapter`",
+    "peft-hira": "PEFT HiraConfig(r=8), `inject_adapter_in_model`",
+    "peft-dora": "PEFT LoraConfig(r=8, lora_alpha=8, use_dora=True)",
+    "peft-loha": "PEFT LoHaConfig(r=8, alpha=8)",
+    "peft-gralora": "PEFT GraloraConfig(r=8), attention projections only (PEFT's GraLoRA takes Linear layers only)",
+    "peft-ia3": "PEFT IA3Config (output scaling on every target, no feed-forward modules)",
     "lycoris-locon-tucker": "LyCORIS LoCon dim 8, `use_tucker` (3x3 convs: 1x1 down, 3x3 core, 1x1 up)",
     "lycoris-loha": "LyCORIS LoHa dim 8 (Hadamard product of two rank-8 pairs)",
+    "lycoris-dora": "LyCORIS LoCon dim 8 with `dora_wd` (DoRA's weight decomposition)",
     "lora": "ours: additive + lowrank, rank 8",
     "flora": f"ours: additive + tucker, rank 8, conv ranks {FLORA_CONV_RANK}",
     "liera-lowrank-exp": "ours: lie (exp) + lowrank rank 8 on every layer",
     "liera-lowrank-linear": "ours: lie (linear map) + lowrank rank 8 on every layer",
     "liera-tucker-exp": f"ours: lie (exp), tucker {FLORA_CONV_RANK} on convs, lowrank 8 on attention (the `liera` preset)",
     "liera-tucker-linear": f"ours: lie (linear map), tucker {FLORA_CONV_RANK} on convs, lowrank 8 on attention",
+    "hira": "ours: `hira` preset, lie (linear) + lowrank rank 8",
+    "abba": "ours: `abba` preset, additive + hadamard, rank 4 per pair (LoRA-8's parameter count, as ABBA's paper)",
+    "loha": "ours: `loha` preset, additive + hadamard, rank 8 per pair (as LyCORIS and PEFT dim 8)",
+    "bhra": "ours: `bhra` preset, lie (linear) + blocklowrank 2x2 blocks, rank 8",
+    "gralora": "ours: `gralora` preset, additive + blocklowrank 2x2 blocks, rank 8",
+    "gralora-attn": "ours: `gralora` on the attention projections only (PEFT's targets)",
+    "diablo": "ours: `diablo` preset, additive + blockdiag, 64 blocks",
+    "ssb": "ours: `ssb` preset, lie (exp) + rowcol, both vectors",
+    "ssl": "ours: `ssl` preset, lie (linear) + rowcol, column vector",
+    "ia3": "ours: `ia3` preset, lie (linear) + rowcol, row vector",
+    "dora": "ours: `dora` preset, dora + lowrank rank 8",
+    "dora-flora": f"ours: `dora-flora` preset, dora + tucker, rank 8, conv ranks {FLORA_CONV_RANK}",
 }
 
 
@@ -200,6 +246,66 @@ class Peft(Contender):
         unet.fuse_lora()
 
 
+PEFT_CONFIGS = {  # tuner -> its PEFT config, given the rank and the target modules
+    "hira": lambda r, targets: _peft().HiraConfig(r=r, target_modules=targets),
+    "dora": lambda r, targets: _peft().LoraConfig(r=r, lora_alpha=r, use_dora=True, target_modules=targets),
+    "loha": lambda r, targets: _peft().LoHaConfig(r=r, alpha=r, target_modules=targets),
+    "gralora": lambda r, targets: _peft().GraloraConfig(r=r, target_modules=targets),
+    "ia3": lambda r, targets: _peft().IA3Config(target_modules=targets, feedforward_modules=[]),
+}
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+class PeftTuner(Contender):
+    """Any PEFT tuner through PEFT's own functions (diffusers' helpers know LoRA only)."""
+
+    def config(self, targets):
+        return PEFT_CONFIGS[self.options["tuner"]](self.options.get("r", 8), targets)
+
+    def attach(self, unet, targets):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.targets = targets
+        _peft().inject_adapter_in_model(self.config(targets), unet, adapter_name="default")
+        return sum(isinstance(m, BaseTunerLayer) for m in unet.modules())
+
+    def save(self, unet, folder):
+        from safetensors.torch import save_file
+
+        path = folder / "peft.safetensors"
+        state = _peft().get_peft_model_state_dict(unet, adapter_name="default")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        return path
+
+    def fuse(self, unet):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+
+    def unload(self, unet):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(unet.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.unmerge()
+                parent, _, child = name.rpartition(".")
+                setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+
+    def load_and_fuse(self, unet, path, name):
+        from safetensors.torch import load_file
+
+        _peft().inject_adapter_in_model(self.config(self.targets), unet, adapter_name="default")
+        _peft().set_peft_model_state_dict(unet, load_file(str(path)), adapter_name="default")
+        self.fuse(unet)
+
+
 class Lycoris(Contender):
     network = None
 
@@ -219,6 +325,7 @@ class Lycoris(Contender):
             conv_alpha=8,
             use_tucker=self.options["use_tucker"],
             network_module=self.options["algo"],
+            **({"dora_wd": True} if self.options.get("dora_wd") else {}),
         )
         self.network.apply_to()
         return len(self.network.loras)
@@ -280,6 +387,12 @@ class Ours(Contender):
 LIBRARIES: dict[str, type[Contender]] = {"peft": Peft, "lycoris": Lycoris, "ours": Ours}
 
 
+def contender_for(library: str, options: dict) -> Contender:
+    if library == "peft" and "tuner" in options:
+        return PeftTuner(options)
+    return LIBRARIES[library](options)
+
+
 # --- one contender, in its own process ----------------------------------------------------------
 
 
@@ -291,12 +404,12 @@ def build_unet(config_path: str):
     return UNet2DConditionModel(**config)
 
 
-def target_names(unet) -> list[str]:
-    """The modules every contender adapts: this library's `attn+conv` preset."""
+def target_names(unet, preset: str = "attn+conv") -> list[str]:
+    """The modules every contender adapts: this library's `attn+conv` preset (or another one)."""
     from plugin.config import AdapterConfig
     from plugin.inject import find_targets
 
-    return list(find_targets(unet, AdapterConfig(targets="attn+conv")))
+    return list(find_targets(unet, AdapterConfig(targets=preset)))
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -306,7 +419,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device, cuda = args.device, args.device.startswith("cuda")
     library, options = CONTENDERS[args.worker]
-    contender = LIBRARIES[library](options)
+    contender = contender_for(library, options)
 
     torch.manual_seed(0)
     unet = build_unet(args.config).to(device)
@@ -318,7 +431,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     target = torch.randn(args.batch, unet.config.out_channels, size, size, generator=generator).to(device)
     context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator).to(device)
     timesteps = torch.full((args.batch,), 500, device=device)
-    targets = target_names(unet)
+    targets = target_names(unet, options.get("targets", "attn+conv"))
 
     # Memory baseline: the built models, before the adapter exists.
     release_free_memory()
@@ -566,6 +679,19 @@ def tables(
         ]
         for c in checks
     ]
+    same_rows = [
+        [
+            f"`{ours}`",
+            f"`{theirs}`",
+            f"{summary[ours]['params'] / summary[theirs]['params']:.2f}",
+            f"**{summary[ours]['train_step_s'] / summary[theirs]['train_step_s']:.2f}**",
+            f"**{summary[ours]['peak_mib'] / summary[theirs]['peak_mib']:.2f}**",
+            f"{summary[ours]['unfused_s'] / summary[theirs]['unfused_s']:.2f}",
+        ]
+        for ours, others in SAME_METHOD.items()
+        for theirs in others
+        if ours in summary and theirs in summary
+    ]
     notes = "\n".join(f"- `{name}`: {NOTES[name]}" for name in summary)
     if failed:
         notes += "\n\nFailed (worker exited with an error, e.g. killed for memory): " + ", ".join(
@@ -583,6 +709,14 @@ def tables(
             markdown_table(headers, rows),
             "Peak memory: training's peak above the built model (CPU: peak resident size, VmHWM, reset after "
             "building the model, minus the resident size before the adapter; GPU: `max_memory_allocated`).",
+            "## Same method, other libraries (ours ÷ theirs: below 1 is ours cheaper)",
+            markdown_table(
+                ["ours", "theirs", "params", "train step", "peak memory", "unfused inference"],
+                same_rows,
+                "llrrrr",
+            )
+            if same_rows
+            else "(no pairs in this run)",
             "## Goals",
             markdown_table(["goal", "contender", "measured", "limit", "met"], goal_rows, "llrrl"),
             "## Contenders",

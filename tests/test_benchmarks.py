@@ -46,14 +46,28 @@ def test_speed_benchmark_measures_every_contender_and_writes_tables(tiny_config,
 
     summary = payload["summary"]
     assert list(summary) == list(speed.CONTENDERS)
-    assert len({row["modules"] for row in summary.values()}) == 1  # same targets for every contender
+    attn_only = {name for name, (_, options) in speed.CONTENDERS.items() if options.get("targets") == "attn"}
+    assert attn_only == {"peft-gralora", "gralora-attn"}
+    for group in (attn_only, set(summary) - attn_only):  # the same targets for every contender of a group
+        assert len({summary[name]["modules"] for name in group}) == 1
     assert summary["lora"]["params"] == summary["peft-lora"]["params"]  # LoRA r=8 counts as PEFT's
+    # The same method has the same parameter count here as in PEFT (DoRA: its magnitudes too).
+    for ours, theirs in [
+        ("hira", "peft-hira"),
+        ("loha", "peft-loha"),
+        ("dora", "peft-dora"),
+        ("ia3", "peft-ia3"),
+    ]:
+        assert summary[ours]["params"] == summary[theirs]["params"], ours
+    assert summary["gralora-attn"]["params"] == summary["peft-gralora"]["params"]
+    assert summary["loha"]["params"] == summary["lycoris-loha"]["params"]
     assert summary["flora"]["params"] < summary["peft-lora"]["params"]
     for row in summary.values():
         assert row["train_step_s"] > 0 and row["fused_s"] > 0 and row["load_fuse_s"] > 0
     assert payload["goals"] and {"met", "value", "limit"} <= set(payload["goals"][0])
     table = (tmp_path / "speed.md").read_text()
     assert "train ×PEFT" in table and "`liera-tucker-exp`" in table and "versions:" in table
+    assert "| `dora` | `peft-dora` |" in table and "| `loha` | `lycoris-loha` |" in table
     assert (tmp_path / "speed.png").stat().st_size > 0
     assert json.loads((tmp_path / "speed.json").read_text())["environment"]["versions"]["torch"]
 
