@@ -58,17 +58,45 @@ from benchmarks.common import (
     write_markdown,
 )
 
-METHODS = ("lora", "flora", "liera")
-# budget -> method -> (rank, conv_rank). Matched on the toy base's UNet (attn+conv targets): lora's
+METHODS = (
+    "lora", "flora", "liera", "hira", "abba", "loha", "bhra", "gralora", "diablo", "ssb", "ssl", "ia3",
+    "dora", "dora-flora",
+)  # fmt: skip
+# budget -> method -> the script's size options. Matched on the toy base's UNet (attn+conv targets): lora's
 # rank sets the budget; flora and liera keep that rank on attention and spend the rest on Tucker ranks
-# [r, r, 2, 2] of the convolutions, r chosen for the closest count ("default": the script's own ranks).
+# [r, r, 2, 2] of the convolutions, r chosen for the closest count ("default": the script's own sizes).
 # Trainable parameters (lora / flora / liera): small 95,488 / 98,534 / 98,310; medium 190,976 /
-# 187,842 / 186,946; large 381,952 / 391,778 / 388,194.
-BUDGETS: dict[str, dict[str, tuple[int | None, list[int] | None]]] = {
-    "default": {"lora": (None, None), "flora": (None, None), "liera": (None, None)},
-    "small": {"lora": (2, None), "flora": (2, [8, 8, 2, 2]), "liera": (2, [8, 8, 2, 2])},
-    "medium": {"lora": (4, None), "flora": (4, [14, 14, 2, 2]), "liera": (4, [14, 14, 2, 2])},
-    "large": {"lora": (8, None), "flora": (8, [26, 26, 2, 2]), "liera": (8, [26, 26, 2, 2])},
+# 187,842 / 186,946; large 381,952 / 391,778 / 388,194. hira, gralora, bhra at lora's rank and abba, loha
+# at half of it (two pairs) have exactly lora's count; dora adds 9,280 magnitudes (large: 391,232);
+# dora-flora large 373,062; diablo's blocks only come in powers of 2 here (channels 64/128/192/256):
+# 68,928 / 137,856 / 275,712. ssb, ssl and ia3 have one size (20,096 / 10,816 / 9,280).
+_SMALL, _MEDIUM, _LARGE = [8, 8, 2, 2], [14, 14, 2, 2], [26, 26, 2, 2]
+
+
+def _budget(rank: int, conv: list[int], dora_conv: list[int], blocks: int) -> dict[str, dict]:
+    return {
+        "lora": {"rank": rank},
+        "flora": {"rank": rank, "conv_rank": conv},
+        "liera": {"rank": rank, "conv_rank": conv},
+        "hira": {"rank": rank},
+        "abba": {"rank": rank // 2},
+        "loha": {"rank": rank // 2},
+        "bhra": {"rank": rank},
+        "gralora": {"rank": rank},
+        "diablo": {"blocks": blocks},
+        "ssb": {},
+        "ssl": {},
+        "ia3": {},
+        "dora": {"rank": rank},
+        "dora-flora": {"rank": rank, "conv_rank": dora_conv},
+    }
+
+
+BUDGETS: dict[str, dict[str, dict]] = {
+    "default": {method: {} for method in METHODS},
+    "small": _budget(2, _SMALL, [7, 7, 2, 2], 64),
+    "medium": _budget(4, _MEDIUM, [13, 13, 2, 2], 32),
+    "large": _budget(8, _LARGE, [24, 24, 2, 2], 16),
 }
 # (difficulty, pattern, colours, shape): from a combination the base knows to a shape it never saw.
 SUBJECTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -292,7 +320,7 @@ def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
         return {"diverged": (output / "diverged.txt").read_text()}
     if args.no_train:
         return {"missing": True}
-    rank, conv_rank = BUDGETS[budget][method]
+    size = BUDGETS[budget][method]
     subject_dir = write_subject_folder(index, Path(args.work_dir, "subjects", subject_info(index)["slug"]))
     argv = [
         "--pretrained_model_name_or_path", args.base,
@@ -305,8 +333,8 @@ def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
         "--checkpointing_steps", "1000000",
         "--num_drift_images", "0",  # the judge measures drift itself
     ]  # fmt: skip
-    argv += ["--rank", str(rank)] if rank is not None else []
-    argv += ["--conv_rank", *map(str, conv_rank)] if conv_rank is not None else []
+    for option, value in size.items():
+        argv += [f"--{option}", *map(str, value if isinstance(value, list) else [value])]
     argv += ["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []
     recipe_args = args.recipe_args[recipe]
     if "--no-with_prior_preservation" not in recipe_args and "--class_data_dir" not in recipe_args:
