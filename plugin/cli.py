@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def describe(path: str | os.PathLike) -> dict:
-    """What a file holds: a `liera/1` adapter, or a kohya LoRA (such as our own exports)."""
+    """What a file holds: a `liera/1` or `liera/2` adapter, or a kohya LoRA (such as our own exports)."""
     path = resolve_adapter_path(path)
     tensors, metadata = read_adapter_file(path)
     info = {

@@ -1,4 +1,4 @@
-"""The pipeline loader: diffusers' LoRA loader methods, for LieRA/FLoRA/LoRA adapters in `liera/1` files.
+"""The pipeline loader: diffusers' LoRA loader methods, for every preset's adapters in `liera/1`/`liera/2` files.
 
 `LieraLoaderMixin` goes in front of a diffusers pipeline class (see `pipelines/`), or onto a pipeline a
 user already has with `enable_liera(pipe)`. The pipeline attributes named in `liera_components`
@@ -59,7 +59,7 @@ class LieraLoaderMixin:
         weight: float = 1.0,
         metadata: dict[str, str] | None = None,
     ) -> str:
-        """Load a `liera/1` adapter into every component its file names and make it the only active one.
+        """Load a `liera/1` or `liera/2` adapter into every component its file names and make it the only active one.
 
         The source is a file, a training run's directory (`adapter.safetensors`), `(tensors, metadata)`
         as `read_adapter_file` returns, or a state dict with `metadata=`. Everything is validated
@@ -89,7 +89,7 @@ class LieraLoaderMixin:
         adapter_name: str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> Path:
-        """Write one adapter of all components that have it into one `liera/1` file."""
+        """Write one adapter of all components that have it into one file (`liera/1`, or `liera/2` when it needs it)."""
         if adapter_name is None:
             names = self._our_adapters()
             if len(names) != 1:

@@ -3,7 +3,7 @@
 Two ideas make a run resumable exactly: every random draw of a training step (its noise, its
 timesteps, its VAE sample, the crop of each image) comes from a generator seeded by *where* it is
 in the run (seed, epoch, batch, process), never from a global RNG whose state depends on what
-happened before; and a checkpoint stores the adapter as a `liera/1` file, copied back *into* the
+happened before; and a checkpoint stores the adapter as a `liera/1`/`liera/2` file, copied back *into* the
 existing adapter parameters so the optimizer keeps pointing at them.
 """
 
@@ -174,7 +174,7 @@ class EpochSampler(Sampler[int]):
 def copy_adapter_tensors(
     tensors: Mapping[str, torch.Tensor], models: Mapping[str, nn.Module], adapter_name: str
 ) -> None:
-    """Put a `liera/1` file's tensors into adapters that already exist, in place (resuming).
+    """Put an adapter file's tensors into adapters that already exist, in place (resuming).
 
     Unlike `load_adapter`, this keeps the parameter objects, so an optimizer (and DDP) built on
     them stays valid. The file must hold exactly the adapter's tensors.

@@ -1136,7 +1136,7 @@ def main(args: argparse.Namespace) -> dict:
             found["unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"] = model
         return found
 
-    # Checkpoints hold the adapter as a liera/1 file (not pickled model weights): these hooks
+    # Checkpoints hold the adapter as a liera/1 or liera/2 file (not pickled model weights): these hooks
     # replace accelerate's model saving and loading.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
