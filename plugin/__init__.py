@@ -1,7 +1,9 @@
-"""LieRA and FLoRA adapters for diffusers: tensor-decomposition updates that keep kernels' shapes."""
+"""LieRA and FLoRA adapters for diffusers, and the other methods of the literature as presets of the
+same engine: tensor-decomposition updates that keep kernels' shapes."""
 
-from .backends import BACKEND_CLASSES, CP, Backend, LowRank, Tucker
-from .config import METHODS, TARGET_PRESETS, AdapterConfig
+from .backends import BACKEND_CLASSES, CP, Backend, BlockDiag, BlockLowRank, Hadamard, LowRank, RowCol, Tucker
+from .compositions import COMPOSITION_CLASSES, Additive, Composition, Dora, Lie
+from .config import METHODS, TARGET_PRESETS, AdapterConfig, Preset
 from .export import lora_state_dict as export_lora
 from .export import save_lora
 from .files import (
@@ -32,7 +34,17 @@ from .loader import LieraLoaderMixin, enable_liera
 
 __all__ = [
     "BACKEND_CLASSES",
+    "COMPOSITION_CLASSES",
     "CP",
+    "Additive",
+    "BlockDiag",
+    "BlockLowRank",
+    "Composition",
+    "Dora",
+    "Hadamard",
+    "Lie",
+    "Preset",
+    "RowCol",
     "FORMAT_VERSION",
     "METHODS",
     "TARGET_PRESETS",

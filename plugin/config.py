@@ -200,13 +200,14 @@ def mode_ranks(rank: Rank, shape: tuple[int, ...]) -> list[int]:
     return [min(ranks[min(i, len(ranks) - 1)], size) for i, size in enumerate(shape)]
 
 
-def matrix_rank(rank: Rank, shape: tuple[int, ...], backend: str) -> int:
-    """One rank for lowrank/CP, clipped so a lowrank update is never wider than the matrix."""
+def matrix_rank(rank: Rank, shape: tuple[int, ...], backend: str, clip: bool = True) -> int:
+    """One rank, clipped (unless `clip=False`, CP's sums of outer products) so that a low-rank
+    product is never wider than the `out x fan_in` matrix it builds."""
     if isinstance(rank, list):
         raise ValueError(f"per-mode ranks {rank} only apply to the tucker backend, not {backend}")
-    if backend == "lowrank":
-        rows, cols = shape[0], 1
-        for size in shape[1:]:
-            cols *= size
-        return min(rank, rows, cols)
-    return rank
+    if not clip:
+        return rank
+    rows, cols = shape[0], 1
+    for size in shape[1:]:
+        cols *= size
+    return min(rank, rows, cols)

@@ -1,5 +1,7 @@
 """The adapted weight against FORMAT.md's formula, fused and unfused, on single layers."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,3 +297,68 @@ def test_autocast_runs_the_layer_in_bf16_and_the_adapters_in_float32(variants):
         param = block.get_parameter(name)
         assert param.grad.dtype == torch.float32
         torch.testing.assert_close(param.grad, grad, rtol=0.05, atol=0.05 * grad.abs().max().item())
+
+
+def literal_layer(weight, method, **tensors):
+    """A 2x2 Linear with one adapter whose tensors are written out by hand."""
+    layer = nn.Linear(2, 2, bias=False)
+    layer.weight.data = torch.tensor(weight)
+    block = nn.Sequential(layer)
+    plugin.add_adapter(
+        block, AdapterConfig(method=method, rank=2 if method == "bhra" else 1, targets=["0"]), "a"
+    )
+    adapter = block[0].adapters["a"]
+    with torch.no_grad():
+        for name, value in tensors.items():
+            owner = adapter if name == "magnitude" else adapter.backend
+            target = getattr(owner, name)
+            assert target.shape == torch.tensor(value).shape, name  # no broadcasting
+            target.copy_(torch.tensor(value))
+    return block[0]
+
+
+LITERALS = [
+    # SSB: diag(e^row) W diag(e^col) with row = (ln 2, 0), col = (0, ln 3).
+    (
+        "ssb",
+        {"row": [math.log(2), 0.0], "col": [0.0, math.log(3)]},
+        [[1.0, 2.0], [3.0, 4.0]],
+        [[2.0, 12.0], [3.0, 12.0]],
+    ),
+    # (IA)³: W ⊙ (1 + row[j_0]): the first output row scaled by 1.5.
+    ("ia3", {"row": [0.5, 0.0]}, [[1.0, 2.0], [3.0, 4.0]], [[1.5, 3.0], [3.0, 4.0]]),
+    # DoRA with D = 0: W's rows rescaled to the magnitudes, (3, 4) to norm 10 and (0, 1) to norm 2.
+    ("dora", {"magnitude": [10.0, 2.0]}, [[3.0, 4.0], [0.0, 1.0]], [[6.0, 8.0], [0.0, 2.0]]),
+    # LoHa: (w1_a w1_b) ⊙ (w2_a w2_b) added, rank 1: [[1, 2], [2, 4]] ⊙ [[1, 1], [-1, -1]].
+    (
+        "loha",
+        {
+            "hada_w1_a": [[1.0], [2.0]],
+            "hada_w1_b": [[1.0, 2.0]],
+            "hada_w2_a": [[1.0], [-1.0]],
+            "hada_w2_b": [[1.0, 1.0]],
+        },
+        [[0.0, 0.0], [0.0, 0.0]],
+        [[1.0, 2.0], [-2.0, -4.0]],
+    ),
+    # DiaBlo with 2 blocks of 1x1: only the diagonal changes.
+    ("diablo", {"blockdiag_blocks": [[[5.0]], [[7.0]]]}, [[1.0, 1.0], [1.0, 1.0]], [[6.0, 1.0], [1.0, 8.0]]),
+    # BHRA (lie, linear) with 2x2 blocks of rank 1: W ⊙ (1 + D), D's block (a, b) = up[a, b] · down[a, b].
+    (
+        "bhra",
+        {
+            "block_up": [[[[1.0]], [[2.0]]], [[[3.0]], [[0.0]]]],
+            "block_down": [[[[1.0]], [[1.0]]], [[[1.0]], [[1.0]]]],
+        },
+        [[1.0, 2.0], [3.0, 4.0]],
+        [[2.0, 6.0], [12.0, 4.0]],
+    ),
+]
+
+
+@pytest.mark.parametrize("method, tensors, weight, expected", LITERALS, ids=[m for m, *_ in LITERALS])
+def test_hand_written_tensors_give_format_md_numbers(method, tensors, weight, expected):
+    layer = literal_layer(weight, method, **tensors)
+    with torch.no_grad():
+        adapted = layer.adapted_weight(layer.unfused_terms_active())
+    torch.testing.assert_close(adapted, torch.tensor(expected), rtol=1e-6, atol=1e-6)

@@ -20,7 +20,7 @@ class CP(Backend):
 
     def __init__(self, shape: tuple[int, ...], rank: Rank = 8):
         super().__init__(shape)
-        r = matrix_rank(rank, self.shape, self.name)
+        r = matrix_rank(rank, self.shape, self.name, clip=False)
         self.cp_weights = nn.Parameter(torch.zeros(r))
         self.cp_factor = factor_list([(size, r) for size in self.shape])
         for factor in self.cp_factor:
