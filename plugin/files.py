@@ -27,6 +27,8 @@ from .inject import (
     adapter_configs,
     adapter_state_dict,
     attach,
+    check_adapter_name,
+    check_weight,
     list_adapters,
 )
 from .layer import Adapter
@@ -34,6 +36,7 @@ from .layer import Adapter
 FORMAT_VERSION = "liera/1"  # what a file needs nothing newer than; `liera/2` adds backends and `dora`
 FORMAT_VERSIONS = {"liera/1": 1, "liera/2": 2}
 ADAPTER_FILENAME = "adapter.safetensors"
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PARAM = "|".join(
     [cls.tensor_names for cls in BACKEND_CLASSES.values()]
     + [re.escape(name) for cls in COMPOSITION_CLASSES.values() for name in cls.extra_names]
@@ -54,6 +57,10 @@ def save_adapter(
     base_model: str | None = None,
 ) -> Path:
     """Write one adapter of `models` (`{"unet": unet, "text_encoder": ...}`) to `path`, atomically."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(
+            f"cannot save adapter tensors as {dtype}; FORMAT.md allows {', '.join(map(str, SAVE_DTYPES))}"
+        )
     path = Path(path)
     tensors, config, adapters = {}, None, []
     for component, model in models.items():
@@ -121,16 +128,19 @@ def load_adapter(
     """Load a `liera/1` or `liera/2` adapter into `models` and make it active with user weight `weight`.
 
     `source` is a file, a directory with `adapter.safetensors`, or `(tensors, metadata)`. Returns
-    the adapter's name (default: the file's stem). Raises `AdapterFileError` and changes nothing
+    the adapter's name (default: the file's stem, dots made underscores). Raises `AdapterFileError` and changes nothing
     if anything in the file does not fit.
     """
+    weight = check_weight(weight)
+    if adapter_name is not None:
+        check_adapter_name(adapter_name)
     if isinstance(source, tuple):
         (tensors, metadata), where = source, "<state dict>"
         adapter_name = adapter_name or "default"
     else:
         where = str(resolve_adapter_path(source))
         tensors, metadata = read_adapter_file(where)
-        adapter_name = adapter_name or Path(where).stem
+        adapter_name = adapter_name or Path(where).stem.replace(".", "_")  # module names can't hold dots
     plan, config = plan_load(tensors, metadata, models, where)
     check_adapted_weights(plan, models, weight, where)
     for component, model in models.items():

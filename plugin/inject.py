@@ -6,6 +6,7 @@ An adapted Linear/ConvNd is swapped for an `AdaptedLayer` holding the original, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -17,6 +18,7 @@ from .config import AdapterConfig, name_matches
 from .layer import ADAPTABLE, AdaptedLayer, Adapter
 
 CONFIGS_ATTR = "liera_configs"  # model attribute: adapter name -> AdapterConfig
+FROZEN_ATTR = "liera_frozen"  # model attribute: {parameter name: requires_grad} before adapters froze it
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
@@ -81,6 +83,20 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     return list(targets)
 
 
+def check_adapter_name(name: object) -> str:
+    """A name that can key an `nn.ModuleDict`: a non-empty string without dots."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name {name!r} must be a non-empty string without dots (e.g. 'subject_v1')")
+    return name
+
+
+def check_weight(weight: object, what: str = "adapter weight") -> float:
+    """A user weight or scale: a finite real number."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"{what} must be a finite number, got {weight!r}")
+    return float(weight)
+
+
 def attach(
     model: nn.Module,
     adapter_name: str,
@@ -89,7 +105,9 @@ def attach(
     weight: float = 1.0,
 ) -> None:
     """Wrap each named layer (once), give it its adapter under `adapter_name`, and make that adapter
-    the only active one (as diffusers does with a newly loaded LoRA)."""
+    the only active one (as diffusers does with a newly loaded LoRA). Checks everything first."""
+    check_adapter_name(adapter_name)
+    weight = check_weight(weight)
     if adapter_name in list_adapters(model):
         raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it or pick another name")
     _freeze_base(model)
@@ -100,7 +118,14 @@ def attach(
 
 
 def _freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter but the adapters', remembering what was trainable for `unload_adapters`."""
     adapter_params = {id(p) for layer in adapted_layers(model).values() for p in layer.adapters.parameters()}
+    frozen = getattr(model, FROZEN_ATTR, None)
+    if frozen is None:
+        frozen = {
+            name: p.requires_grad for name, p in model.named_parameters() if id(p) not in adapter_params
+        }
+        setattr(model, FROZEN_ATTR, frozen)
     for param in model.parameters():
         if id(param) not in adapter_params:
             param.requires_grad_(False)
@@ -135,9 +160,10 @@ def set_adapters(
     """Make exactly `names` active, each with its user weight `m` (default 1)."""
     names = _check_names(model, names)
     if weights is None or isinstance(weights, (int, float)):
-        weights = [1.0 if weights is None else float(weights)] * len(names)
+        weights = [1.0 if weights is None else weights] * len(names)
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}")
+    weights = [check_weight(w, f"weight of adapter {n!r}") for n, w in zip(names, weights)]
     for layer in adapted_layers(model).values():
         layer.active = {n: float(w) for n, w in zip(names, weights) if n in layer.adapters}
 
@@ -162,6 +188,7 @@ def disable_adapters(model: nn.Module) -> None:
 
 def set_runtime_scale(model: nn.Module, scale: float) -> None:
     """Multiply every unfused adapter's weight, like diffusers' `cross_attention_kwargs={"scale": x}`."""
+    scale = check_weight(scale, "runtime scale")
     for layer in adapted_layers(model).values():
         layer.runtime_scale = float(scale)
 
@@ -170,8 +197,17 @@ def fuse_adapters(model: nn.Module, scale: float = 1.0, adapter_names: list[str]
     """Fold adapters (default: the active ones) into the base weights: inference costs what the
     base model costs. `unfuse_adapters` takes them out again."""
     names = active_adapters(model) if adapter_names is None else _check_names(model, adapter_names)
-    for layer in adapted_layers(model).values():
-        layer.fuse([n for n in names if n in layer.adapters], scale)
+    scale = check_weight(scale, "fuse scale")
+    layers = adapted_layers(model).values()
+    done = []
+    try:
+        for layer in layers:
+            if layer.fuse([n for n in names if n in layer.adapters], scale):
+                done.append(layer)
+    except ValueError:
+        for layer in done:  # all layers or none: take out what this call fused
+            layer.unfuse_names([n for n in names if n in layer.adapters])
+        raise
 
 
 def unfuse_adapters(model: nn.Module) -> None:
@@ -197,10 +233,17 @@ def delete_adapters(model: nn.Module, names: str | list[str]) -> None:
 
 
 def unload_adapters(model: nn.Module) -> None:
-    """Put the original layers back (with whatever is fused into their weights) and forget all adapters."""
+    """Put the original layers back (with whatever is fused into their weights), forget all adapters,
+    and give the base parameters back the `requires_grad` they had before adapters froze them."""
     for path, layer in adapted_layers(model).items():
         _replace(model, path, layer.base_layer)
     adapter_configs(model).clear()
+    frozen = getattr(model, FROZEN_ATTR, None) or {}
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(frozen[name])
+    if hasattr(model, FROZEN_ATTR):
+        delattr(model, FROZEN_ATTR)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -151,7 +151,7 @@ class AdaptedLayer(nn.Module):
     def original_weight(self) -> torch.Tensor:
         """`W`: the base weight with nothing fused into it."""
         weight = self.base_layer.weight
-        return weight if self._original is None else self._original.to(weight.device)
+        return weight if self._original is None else self._original.to(weight.device, weight.dtype)
 
     def adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
         """`W'` in the layer's dtype, from the active unfused adapters and any fused ones."""
@@ -180,24 +180,14 @@ class AdaptedLayer(nn.Module):
     # --- fusing -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fuse(self, names: list[str], scale: float = 1.0) -> None:
+    def fuse(self, names: list[str], scale: float = 1.0) -> bool:
         """Fold adapters into the base weight (with their current user weights times `scale`).
-        Refuses, changing nothing, if the fused weight would not be finite."""
+        Refuses, changing nothing, if the fused weight would not be finite. Returns whether it fused."""
         new = {name: self.active.get(name, 1.0) * scale for name in names if name not in self.fused}
         if not new:
-            return
-        weight = self.base_layer.weight
-        original = self.original_weight()
-        multipliers = {**self.fused, **new}
-        terms = [self.adapters[name].term(m, original) for name, m in multipliers.items()]
-        fused = compose(original, terms, weight.dtype)
-        if not torch.isfinite(fused).all():
-            raise ValueError(f"fusing {sorted(new)} would make non-finite weights; nothing was fused")
-        self._weight_cache = None
-        if self._original is None:
-            self._original = weight.detach().to("cpu", copy=True)
-        weight.copy_(fused)
-        self.fused = multipliers
+            return False
+        self._set_fused({**self.fused, **new})
+        return True
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -207,7 +197,40 @@ class AdaptedLayer(nn.Module):
         self._weight_cache = None
         self.base_layer.weight.copy_(self._original)
         self._original = None
-        self.fused.clear()
+        self.fused = {}
+
+    @torch.no_grad()
+    def unfuse_names(self, names: list[str]) -> None:
+        """Take only `names` out, keeping the other fused adapters in."""
+        rest = {name: m for name, m in self.fused.items() if name not in names}
+        if rest:
+            self._set_fused(rest)
+        else:
+            self.unfuse()
+
+    def _set_fused(self, multipliers: dict[str, float]) -> None:
+        """Make the base weight `W` with exactly `multipliers`' adapters folded in (from `W` itself)."""
+        weight = self.base_layer.weight
+        original = self.original_weight()
+        terms = [self.adapters[name].term(m, original) for name, m in multipliers.items()]
+        fused = compose(original, terms, weight.dtype)
+        if not torch.isfinite(fused).all():
+            raise ValueError(f"fusing {sorted(multipliers)} would make non-finite weights; nothing was fused")
+        self._weight_cache = None
+        if self._original is None:
+            self._original = weight.detach().to("cpu", copy=True)
+        weight.copy_(fused)
+        self.fused = multipliers
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`/`.to(device)` move the base layer as asked, but adapters stay float32 (their
+        math is float32, FORMAT.md) and the cached `W'` is dropped, not carried over stale."""
+        self._weight_cache = None
+        self.base_layer._apply(fn, recurse)
+        for adapter in self.adapters.values():
+            device = fn(adapter.scale).device  # where `fn` sends a tensor (dtype changes are ignored)
+            adapter._apply(lambda t, device=device: t.to(device), recurse)
+        return self
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, active={self.active}, fused={list(self.fused)}"

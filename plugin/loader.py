@@ -111,6 +111,14 @@ class LieraLoaderMixin:
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"got {len(weights)} weights for {len(names)} adapters {names}")
+        for name, weight in zip(names, weights):
+            if isinstance(weight, Mapping):
+                unknown = [key for key in weight if key not in self.liera_components]
+                if unknown:
+                    raise ValueError(
+                        f"weights of adapter {name!r} name unknown components {unknown}; the pipeline's are "
+                        f"{sorted(self.liera_models())}"
+                    )
         ours, peft = self._our_adapters(), self._peft_adapters()
         unknown = [n for n in names if n not in ours and n not in peft]
         if unknown:
