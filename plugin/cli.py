@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +25,8 @@ import torch
 from .backends import backend_owning
 from .files import _KEY, ADAPTER_FILENAME, AdapterFileError, read_adapter_file, resolve_adapter_path
 
-DEFAULT_BASE = Path(__file__).resolve().parents[1] / "assets" / "toy-sd"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -192,8 +195,13 @@ def _base_of(adapter: str, base: str | None) -> str:
     if base:
         return base
     _, metadata = read_adapter_file(adapter)
-    if metadata.get("base_model"):
-        return metadata["base_model"]
+    name = metadata.get("base_model")
+    if name:
+        # The training script writes the shipped toy base repo-relative: find it from anywhere.
+        for candidate in (Path(name), REPO_ROOT / name):
+            if candidate.is_dir():
+                return str(candidate)
+        return name  # a hub id
     raise SystemExit(f"{adapter} names no base model: pass --base (a pipeline folder or hub id)")
 
 
@@ -201,6 +209,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
     source = resolve_adapter_path(args.file)
+    if args.rank is not None and args.rank < 1:
+        raise SystemExit(f"export: --rank must be a positive integer, got {args.rank}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.resolve() == source.resolve():
+        raise SystemExit(f"export: --out {out} is the adapter itself; pick another file")
     base = _base_of(args.file, args.base)
     # float32 weights: a lie adapter's delta W ⊙ (exp(sD) - 1) depends on W.
     pipe = load_pipeline(base, torch.float32, args.device)
@@ -221,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         state, report = export.loha_state_dict(models, name, dtype)
     else:
         state, report = export.dora_state_dict(models, name, dtype)
-    out = Path(args.out) if args.out else source.with_name(f"{_stem(source)}_{layout}.safetensors")
+    out = out or source.with_name(f"{_stem(source)}_{layout}.safetensors")
     info = {"liera_source": source.name, "liera_base_model": base, "liera_layout": layout}
     info.update(
         {f"liera_{k}": str(v) for k, v in [("rank", args.rank), ("energy", args.energy)] if v is not None}
@@ -244,9 +257,12 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     path, sep, weight = spec.rpartition(":")
     if sep:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise SystemExit(f"merge: the weight of {path} must be a finite number, got {weight}")
+        return path, value
     return spec, 1.0
 
 
@@ -256,6 +272,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .loader import diffusers_class
 
     adapters = [parse_adapter(spec) for spec in args.adapter]
+    out = Path(args.out)
+    if out.resolve() == Path(args.base).resolve():
+        raise SystemExit(f"merge: --out {out} is the base pipeline; pick a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"merge: --out {out} already exists and is not empty; pick a new folder")
+    if not math.isfinite(args.scale):
+        raise SystemExit(f"merge: --scale must be a finite number, got {args.scale}")
     pipe = load_pipeline(args.base, torch.float32, args.device)
     names, weights = [], []
     for path, weight in tqdm(adapters, desc="merge: load adapters"):
@@ -266,7 +289,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     pipe.fuse_adapters(scale=args.scale)
     pipe.unload_adapters()
     pipe.to(dtype=DTYPES[args.dtype])
-    pipe.save_pretrained(args.out, safe_serialization=True)
+    # Into a temporary folder beside --out, renamed at the end: a kill never leaves half a pipeline.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, out)
+        os.mkdir(tmp)  # for TemporaryDirectory's own clean-up
     merged = ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights))
     print(f"wrote {args.out}: {diffusers_class(type(pipe)).__name__} with {merged} fused ({args.dtype})")
     return 0

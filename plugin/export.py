@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -191,16 +190,15 @@ def save_lora(
     report: list[ModuleExport],
     info: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write the LoRA with the error summary (and every module's error) in its header metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the LoRA with the error summary (and every module's error) in its header metadata, atomically."""
+    from .files import save_atomically
+
     metadata = {
         "liera_export": json.dumps(summary(report)),
         "liera_export_modules": json.dumps([asdict(m) for m in report]),
         **{k: str(v) for k, v in (info or {}).items()},
     }
-    save_file(state, str(path), metadata=metadata)
-    return path
+    return save_atomically(state, metadata, path)
 
 
 def format_table(report: list[ModuleExport]) -> str:

@@ -85,11 +85,24 @@ def save_adapter(
     }
     if base_model or config.base_model:
         metadata["base_model"] = str(base_model or config.base_model)
+    return save_atomically(tensors, metadata, path)
+
+
+def save_atomically(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike
+) -> Path:
+    """Write a safetensors file under a temporary name beside `path`, then rename it: a reader (or a
+    kill) never sees a half-written file under the final name. The file gets the usual permissions
+    (0666 less the umask), not the temporary file's 0600."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

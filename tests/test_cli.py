@@ -170,3 +170,48 @@ def test_cli_errors_and_adapter_specs(tmp_path, capsys):
     assert parse_adapter("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_adapter("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_adapter("C:\\runs\\a.safetensors") == ("C:\\runs\\a.safetensors", 1.0)
+
+
+def test_cli_refuses_what_would_overwrite_or_make_no_sense(tmp_path, base_dir):
+    path = tiny.adapter_file(tmp_path / "s.safetensors", tiny.sd(tmp_path), "lora", components=("unet",))
+    before = path.read_bytes()
+    for rank in ("0", "-1"):
+        with pytest.raises(SystemExit, match="--rank must be a positive integer"):
+            main(["export", str(path), "--base", str(base_dir), "--rank", rank])
+    with pytest.raises(SystemExit, match="is the adapter itself"):
+        main(["export", str(path), "--base", str(base_dir), "--out", str(path)])
+    assert path.read_bytes() == before
+    with pytest.raises(SystemExit, match="is the base pipeline"):
+        main(["merge", "--base", str(base_dir), "--adapter", str(path), "--out", str(base_dir)])
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="already exists and is not empty"):
+        main(["merge", "--base", str(base_dir), "--adapter", str(path), "--out", str(taken)])
+    assert (taken / "mine.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="must be a finite number, got nan"):
+        main(["merge", "--base", str(base_dir), "--adapter", f"{path}:nan", "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    assert main(["merge", "--base", str(base_dir), "--adapter", str(path), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file() and not list(tmp_path.glob(".m.*"))
+
+
+def test_export_finds_the_shipped_base_from_any_directory(tmp_path, monkeypatch, capsys):
+    """The training script names the toy base repo-relative (`assets/toy-sd`) in the file."""
+    pipe = LieraStableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy-sd")
+    import plugin
+
+    plugin.add_adapter(pipe.unet, plugin.AdapterConfig(method="lora", rank=2, targets=["to_q"]), "s")
+    path = plugin.save_adapter(
+        tmp_path / "s.safetensors", {"unet": pipe.unet}, "s", base_model="assets/toy-sd"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(path)]) == 0
+    assert "lora export, exact" in capsys.readouterr().out
+    assert os.stat(tmp_path / "s_lora.safetensors").st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
