@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 train: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		--num_cpu_threads_per_process 2 train_scripts/train_dreambooth_liera.py --output_dir outputs/dreambooth-liera \
-		--num_class_images 32
+		--num_class_images 32 --overwrite_output_dir
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -224,6 +224,19 @@ class LieraLoaderMixin:
 
     # --- saving the pipeline ------------------------------------------------------------------
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' `save_pretrained`, refused while adapters are in the models: their wrapped layers
+        would be saved under names a plain pipeline can't load."""
+        wrapped = {
+            c: inject.list_adapters(m) for c, m in self.liera_models().items() if inject.adapted_layers(m)
+        }
+        if wrapped:
+            raise ValueError(
+                f"the pipeline holds adapters {wrapped}: to save it with them merged, call fuse_adapters() and then "
+                "unload_adapters() first (python -m plugin merge does both); to save an adapter, save_adapter()"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def to_json_string(self) -> str:
         """`model_index.json` names the diffusers class, so a saved (merged) pipeline loads without us."""
         config = json.loads(super().to_json_string())

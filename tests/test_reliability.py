@@ -135,3 +135,23 @@ def test_a_state_dict_without_its_header_is_refused():
     block = adapted()
     with pytest.raises(AdapterFileError, match="unknown format None"):
         plugin.load_adapter((plugin.adapter_state_dict(block, "a", "unet."), {}), {"unet": Block()})
+
+
+def test_save_pretrained_with_live_adapters_is_refused_and_works_once_merged(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from tests import tiny_pipes as tiny
+
+    path = tiny.adapter_file(tmp_path / "a.safetensors", tiny.sd(tmp_path), "dora")
+    pipe = plugin.enable_liera(tiny.sd(tmp_path))
+    pipe.load_adapter(path)
+    with pytest.raises(ValueError, match=r"holds adapters \{'unet': \['a'\], 'text_encoder': \['a'\]\}"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    expected = tiny.generate(pipe)
+    pipe.fuse_adapters()
+    pipe.unload_adapters()
+    pipe.save_pretrained(tmp_path / "saved")
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    plain.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(tiny.generate(plain), expected, atol=1e-4, rtol=0)

@@ -282,11 +282,16 @@ def test_denoising_loss_takes_one_prompt_or_one_per_image(tiny):
 
 
 @pytest.fixture(scope="module")
-def script():
+def script(tmp_path_factory):
+    """The script as a module, run from an empty directory: the default --output_dir is relative, and
+    this checkout's own outputs/ (from `make train`) must not count as an earlier run."""
     spec = importlib.util.spec_from_file_location("train_dreambooth_liera", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield module
+    os.chdir(cwd)
 
 
 def refusal(script, capsys, argv: list[str]) -> str:
@@ -433,3 +438,41 @@ def test_bf16_mixed_precision_trains_float32_adapters(tiny, method):
     )
     difference = unet_output(tiny["base"], output_dir / "adapter.safetensors") - unet_output(tiny["base"])
     assert difference.abs().max().item() > 1e-6
+
+
+def test_an_output_dir_holding_another_run_is_refused_and_checkpoints_must_match(
+    script, tiny, capsys, tmp_path
+):
+    reference = reference_run(tiny, "liera")
+    same = train_args(tiny, reference, "liera", *VALIDATION)
+    message = refusal(script, capsys, same)
+    assert (
+        f"--output_dir {reference} holds checkpoints at steps 2, 4" in message
+        and "other settings" not in message
+    )
+    assert "--overwrite_output_dir to start over" in message
+    other = train_args(tiny, reference, "liera", "--rank", "8", *VALIDATION)  # the later --rank wins: 8
+    assert "with other settings (rank)" in refusal(script, capsys, other)
+    assert "from a run with other settings (rank)" in refusal(
+        script, capsys, [*other, "--resume_from_checkpoint", "latest"]
+    )
+    script.parse_args([*same, "--resume_from_checkpoint", "latest"])  # the same run: fine
+    script.parse_args([*same, "--overwrite_output_dir"])  # starting over, asked for: fine
+    before = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in reference.iterdir()) == before  # parsing changed nothing
+
+
+def test_a_damaged_checkpoint_is_named(tiny):
+    reference = reference_run(tiny, "liera")
+    output_dir = tiny["root"] / "damaged"
+    shutil.copytree(reference / "checkpoint-2", output_dir / "checkpoint-2")
+    (output_dir / "run.json").write_text((reference / "run.json").read_text())
+    optimizer = next((output_dir / "checkpoint-2").glob("optimizer*"))
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    process = launch(
+        [*train_args(tiny, output_dir, "liera", *VALIDATION), "--resume_from_checkpoint", "latest"]
+    )
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert f"--resume_from_checkpoint: {output_dir / 'checkpoint-2'} is damaged" in output, output[-3000:]
+    assert not (output_dir / "adapter.safetensors").exists()

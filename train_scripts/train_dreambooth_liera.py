@@ -81,6 +81,19 @@ BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", 
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
+RUN_FILE = "run.json"  # in --output_dir and in every checkpoint: the run's identity (RUN_IDENTITY)
+# What makes two runs the same training: a checkpoint resumes only a run equal in all of these, and an
+# --output_dir holding another run is refused. The others (steps, checkpointing, validation, logging)
+# may change between a run and its resumption.
+RUN_IDENTITY = (
+    "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
+    "instance_captions", "train_images", "class_prompt", "with_prior_preservation",
+    "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
+    "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
+)  # fmt: skip
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
 
 
@@ -286,7 +299,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='A checkpoint folder (or its name in --output_dir), or "latest".',
+        help='A checkpoint folder (or its name in --output_dir), or "latest". It must come from a run '
+        f"with the same configuration ({RUN_FILE} in the checkpoint).",
+    )
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds an earlier one (its checkpoints are deleted). "
+        "Without it such a folder is refused, unless resuming.",
     )
     train.add_argument(
         "--report_to",
@@ -513,6 +533,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not any((path / ADAPTER_FILENAME).is_file() for path in candidates):
             parser.error(f"--resume_from_checkpoint: no checkpoint at {args.resume_from_checkpoint}")
     _check_base_model(parser, args.pretrained_model_name_or_path)
+    check_output_dir(parser, args)
 
     if args.enable_xformers_memory_efficient_attention and not _installed("xformers"):
         parser.error(
@@ -524,6 +545,68 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--report_to must be one of {', '.join(TRACKERS)}, all, none; got {args.report_to!r}")
     if args.report_to in TRACKERS and not _installed(args.report_to):
         parser.error(f"--report_to {args.report_to}: the {args.report_to} package is not installed")
+
+
+def run_identity(args: argparse.Namespace) -> dict:
+    """The run's RUN_IDENTITY settings, as JSON values."""
+    return json.loads(json.dumps({key: getattr(args, key, None) for key in RUN_IDENTITY}, default=str))
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """checkpoint-<step> folders of --output_dir, oldest first."""
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(folders, key=lambda p: int(p.name.split("-")[1]))
+
+
+def identity_differences(recorded_in: Path, identity: dict) -> list[str] | None:
+    """The settings in which the run recorded in `recorded_in` differs from `identity` (None: unreadable)."""
+    try:
+        recorded = json.loads(recorded_in.read_text())
+    except (OSError, ValueError):
+        return None
+    return [key for key in identity if recorded.get(key) != identity[key]]
+
+
+def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Never overwrite another run, and resume only the same run: a checkpoint of a different
+    configuration would train nothing (or the wrong thing) and ship its old adapter."""
+    output_dir = Path(args.output_dir)
+    identity = run_identity(args)
+    checkpoints = checkpoint_folders(output_dir)
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            path = checkpoints[-1] if checkpoints else None
+        else:
+            path = Path(args.resume_from_checkpoint)
+            path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
+        if path is None:
+            return
+        differences = identity_differences(path / RUN_FILE, identity)
+        if differences is None:
+            parser.error(
+                f"--resume_from_checkpoint: {path} has no readable {RUN_FILE} (damaged, or made by an older "
+                "version): it can't be checked to belong to this run"
+            )
+        if differences:
+            parser.error(
+                f"--resume_from_checkpoint: {path} is from a run with other settings ({', '.join(differences)}); "
+                "resume with the same settings, or start a new run in another --output_dir"
+            )
+        return
+    finished = (output_dir / ADAPTER_FILENAME).is_file()
+    if (checkpoints or finished) and not args.overwrite_output_dir:
+        what = (
+            f"checkpoints at steps {', '.join(p.name.split('-')[1] for p in checkpoints)}"
+            if checkpoints
+            else ""
+        )
+        what = what or f"a finished run ({ADAPTER_FILENAME})"
+        differences = identity_differences(output_dir / RUN_FILE, identity)
+        other = f" with other settings ({', '.join(differences)})" if differences else ""
+        parser.error(
+            f"--output_dir {output_dir} holds {what}{other}: pass --resume_from_checkpoint latest to continue "
+            "it, --overwrite_output_dir to start over, or pick another --output_dir"
+        )
 
 
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
@@ -892,8 +975,8 @@ def log_validation(
 
 
 def latest_checkpoint(output_dir: str) -> Path | None:
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
+    folders = checkpoint_folders(output_dir)
+    return folders[-1] if folders else None
 
 
 class HeldoutTrack:
@@ -938,6 +1021,13 @@ class HeldoutTrack:
             self.kept_tensors = load_file(folder / "kept_adapter.safetensors")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it: never half a file under its name."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     args: argparse.Namespace,
@@ -961,6 +1051,7 @@ def save_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     accelerator.save_state(str(partial))
     (partial / "losses.json").write_text(json.dumps(losses))
+    (partial / RUN_FILE).write_text(json.dumps(run_identity(args), indent=2))
     heldout.save(partial)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -1028,7 +1119,7 @@ Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} 
             "with the adapter (right), same seeds:\n\n"
             "![before and after](validation/before_after.png)\n"
         )
-    Path(args.output_dir, "README.md").write_text(card)
+    write_atomically(Path(args.output_dir, "README.md"), card)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -1071,6 +1162,12 @@ def main(args: argparse.Namespace) -> dict:
     drift_images = drift_class_images(args, accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for old in checkpoint_folders(args.output_dir):
+                logger.info(f"Removing {old} (--overwrite_output_dir)")
+                shutil.rmtree(old)
+        write_atomically(Path(args.output_dir, RUN_FILE), json.dumps(run_identity(args), indent=2))
+    accelerator.wait_for_everyone()
 
     # Load the base model; only the adapters will train.
     tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
@@ -1281,12 +1378,18 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.print("No checkpoint in --output_dir yet. Starting a new training run.")
         else:
             accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(str(path))
             global_step = int(path.name.split("-")[1])
+            try:
+                accelerator.load_state(str(path))
+                if (path / "losses.json").is_file():
+                    losses = json.loads((path / "losses.json").read_text())[:global_step]
+                heldout.load(path, global_step)
+            except Exception as error:  # any damaged file of the checkpoint: say which, not a bare EOFError
+                raise SystemExit(
+                    f"--resume_from_checkpoint: {path} is damaged ({type(error).__name__}: {error}); resume from "
+                    "an earlier checkpoint (--resume_from_checkpoint <its folder>) or delete this one"
+                ) from error
             first_epoch = global_step // num_update_steps_per_epoch
-            if (path / "losses.json").is_file():
-                losses = json.loads((path / "losses.json").read_text())[:global_step]
-            heldout.load(path, global_step)
             if args.keep_best_heldout and heldout.kept_tensors is None:
                 logger.warning(
                     f"{path} holds no kept adapter (made without --keep_best_heldout?): the adapter saved "
@@ -1530,7 +1633,7 @@ def main(args: argparse.Namespace) -> dict:
             "max_abs_diff_between_ranks": rank_difference,
             "losses": [round(x, 6) for x in losses],
         }
-        Path(args.output_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_atomically(Path(args.output_dir, "metrics.json"), json.dumps(metrics, indent=1))
         write_model_card(args, metrics)
         logger.info(
             f"Done in {metrics['wall_time_s']} s: loss {metrics['loss_start']} -> {metrics['loss_end']} "
