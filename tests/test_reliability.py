@@ -1,5 +1,9 @@
 """Mistakes a user makes with the library API: refused by name, with nothing changed; or they work."""
 
+import json
+import random
+import struct
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +159,73 @@ def test_save_pretrained_with_live_adapters_is_refused_and_works_once_merged(tmp
     plain = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     plain.set_progress_bar_config(disable=True)
     torch.testing.assert_close(tiny.generate(plain), expected, atol=1e-4, rtol=0)
+
+
+# --- the loader against random corruptions of a valid file -------------------------------------------
+
+
+def corruptions(data: bytes, rng: random.Random) -> bytes:
+    """One random corruption of a safetensors file: flipped bytes (header or data), a cut, or an edited
+    header (dtype, shape, offsets, metadata)."""
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    kind = rng.choice(["flip_header", "flip_data", "cut", "dtype", "shape", "offsets", "metadata", "swap"])
+    if kind == "flip_header" or kind == "flip_data":
+        start, end = (0, 8 + header_len) if kind == "flip_header" else (8 + header_len, len(data))
+        body = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            body[rng.randrange(start, end)] ^= 1 << rng.randrange(8)
+        return bytes(body)
+    if kind == "cut":
+        return data[: rng.randrange(len(data))]
+    keys = [k for k in header if k != "__metadata__"]
+    key = rng.choice(keys)
+    if kind == "dtype":
+        header[key]["dtype"] = rng.choice(["F16", "BF16", "I64", "U8", "F64", "BOOL", "X9"])
+    elif kind == "shape":
+        shape = header[key]["shape"]
+        if shape:
+            shape[rng.randrange(len(shape))] += rng.choice([-1, 1, 7])
+        else:
+            header[key]["shape"] = [2]
+    elif kind == "offsets":
+        begin, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [begin, end + rng.choice([-4, 4, 4096])]
+    elif kind == "metadata":
+        field = rng.choice(["format", "composition", "lie_map", "config"])
+        header["__metadata__"][field] = rng.choice(["liera/3", "dora", "sideways", "{", "", "linear"])
+    else:  # swap two tensors' entries
+        other = rng.choice(keys)
+        header[key], header[other] = header[other], header[key]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len :]
+
+
+def test_random_corruptions_are_refused_by_name_or_loaded_exactly(tmp_path):
+    source = adapted("liera")
+    plugin.add_adapter(source, AdapterConfig(method="dora", rank=2, targets=["conv"]), "d")
+    randomize(source, std=0.2)
+    valid = plugin.save_adapter(tmp_path / "valid.safetensors", {"unet": source}, "a").read_bytes()
+    rng = random.Random(0)
+    refused = loaded = 0
+    for trial in range(150):
+        path = tmp_path / f"bad{trial}.safetensors"
+        path.write_bytes(corruptions(valid, rng))
+        target = Block()
+        before = weights(target)
+        try:
+            plugin.load_adapter(path, {"unet": target}, "a")
+        except AdapterFileError as error:
+            assert str(path) in str(error), error
+            assert_unchanged(target, before)
+            assert not any(isinstance(m, AdaptedLayer) for m in target.modules())
+            refused += 1
+            continue
+        tensors, _ = plugin.read_adapter_file(path)
+        state = plugin.adapter_state_dict(target, "a", "unet.")
+        assert state.keys() == tensors.keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(state[key], tensor.float()), key
+        loaded += 1
+    assert refused > 100 and loaded > 0  # most corruptions break something; some (a flipped mantissa) don't

@@ -73,6 +73,7 @@ def run(script_args: list[str], launcher_args: list[str] = SINGLE, timeout: floa
 
 
 _REFERENCE: dict[str, Path] = {}
+_DURATION: dict[str, float] = {}  # seconds the reference run took, launcher included
 # The liera runs also make validation grids (before, at step 2, final).
 VALIDATION = ["--num_validation_images", "1", "--validation_inference_steps", "2", "--validation_steps", "2"]
 
@@ -81,7 +82,9 @@ def reference_run(tiny: dict[str, Path], method: str) -> Path:
     """One uninterrupted 4-step run per method, shared by the tests that need it."""
     if method not in _REFERENCE:
         output_dir = tiny["root"] / f"reference-{method}"
+        start = time.time()
         run(train_args(tiny, output_dir, method, *(VALIDATION if method == "liera" else [])))
+        _DURATION[method] = time.time() - start
         _REFERENCE[method] = output_dir
     return _REFERENCE[method]
 
@@ -476,3 +479,30 @@ def test_a_damaged_checkpoint_is_named(tiny):
     assert process.returncode != 0
     assert f"--resume_from_checkpoint: {output_dir / 'checkpoint-2'} is damaged" in output, output[-3000:]
     assert not (output_dir / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("fraction", [0.35, 0.8])
+def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(tiny, fraction):
+    """Killed after a share of an uninterrupted run's time (during a step, a checkpoint or the final
+    save), then resumed from whatever it left: the same adapter, and no half-written file under a
+    final name."""
+    reference = reference_run(tiny, "liera")
+    output_dir = tiny["root"] / f"killed-{fraction}"
+    args = train_args(tiny, output_dir, "liera", *VALIDATION)
+    process = launch(args, start_new_session=True)
+    time.sleep(fraction * _DURATION["liera"])
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    for checkpoint in output_dir.glob("checkpoint-*"):  # finished checkpoints are whole
+        assert (checkpoint / "adapter.safetensors").is_file() and (checkpoint / "run.json").is_file()
+    if (output_dir / "adapter.safetensors").exists():
+        plugin.read_adapter_file(output_dir / "adapter.safetensors")  # whole, or not there at all
+    run([*args, "--resume_from_checkpoint", "latest"])
+    expected, resumed = (
+        load_file(reference / "adapter.safetensors"),
+        load_file(output_dir / "adapter.safetensors"),
+    )
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 4
