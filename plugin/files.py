@@ -6,6 +6,7 @@ the target models before the first layer is touched.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -96,6 +97,8 @@ def save_atomically(
     (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:

@@ -229,3 +229,13 @@ def test_random_corruptions_are_refused_by_name_or_loaded_exactly(tmp_path):
             assert torch.equal(state[key], tensor.float()), key
         loaded += 1
     assert refused > 100 and loaded > 0  # most corruptions break something; some (a flipped mantissa) don't
+
+
+def test_a_save_cleans_up_what_a_killed_save_left(tmp_path):
+    block = adapted()
+    stale = tmp_path / ".a.safetensors.x1y2.tmp"
+    stale.write_bytes(b"half a file")
+    other = tmp_path / ".b.safetensors.x1y2.tmp"  # another file's: not ours to touch
+    other.write_bytes(b"someone else's")
+    plugin.save_adapter(tmp_path / "a.safetensors", {"unet": block}, "a")
+    assert not stale.exists() and other.exists()

@@ -1162,6 +1162,8 @@ def main(args: argparse.Namespace) -> dict:
     drift_images = drift_class_images(args, accelerator)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        for stale in Path(args.output_dir).glob(".checkpoint-*.partial"):  # a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         if args.overwrite_output_dir and not args.resume_from_checkpoint:
             for old in checkpoint_folders(args.output_dir):
                 logger.info(f"Removing {old} (--overwrite_output_dir)")
