@@ -133,21 +133,24 @@ def test_adapters_change_outputs_and_training_mode_matches():
 
 
 def test_mixed_adapters_follow_the_order_rule_with_part_fused():
-    """Fusing the additive adapter first must not make the lie one multiply it (FORMAT.md)."""
+    """Fusing the additive adapter first must not make the lie one multiply it, and a dora adapter's
+    Δ is always taken from the original W, whatever is fused (FORMAT.md)."""
     block = adapted_block(
-        [("additive", "lowrank", "exp"), ("lie", "lowrank", "exp"), ("lie", "tucker", "linear")]
+        [
+            ("additive", "lowrank", "exp"),
+            ("lie", "lowrank", "exp"),
+            ("lie", "tucker", "linear"),
+            ("dora", "hadamard", "exp"),
+        ]
     )
-    names = [("a0", 1.0), ("a1", 1.0), ("a2", 1.0)]
-    plugin.set_adapters(block, ["a0", "a1", "a2"])
+    names = [("a0", 1.0), ("a1", 0.5), ("a2", 1.0), ("a3", 0.7)]
+    plugin.set_adapters(block, [n for n, _ in names], [m for _, m in names])
     x = torch.randn(4, 6, 7, 7)
     expected = reference(block, names, x)
     with torch.no_grad():
-        plugin.fuse_adapters(block, adapter_names=["a0"])
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-        plugin.fuse_adapters(block, adapter_names=["a2"])
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
-        plugin.fuse_adapters(block)
-        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        for fused in (["a0"], ["a3"], ["a2"], None):
+            plugin.fuse_adapters(block, adapter_names=fused)
+            torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_two_exp_lie_adapters_fuse_in_either_order():
