@@ -3,8 +3,9 @@
 `LieraLoaderMixin` goes in front of a diffusers pipeline class (see `pipelines/`), or onto a pipeline a
 user already has with `enable_liera(pipe)`. The pipeline attributes named in `liera_components`
 (`unet`, `transformer`, text encoders) are the components a file's keys name. Methods that diffusers'
-LoRA loader also has (`set_adapters`, `delete_adapters`, `get_active_adapters`, `get_list_adapters`)
-keep working for PEFT LoRAs loaded with `load_lora_weights`; the others act on our adapters only.
+LoRA loader also has (`set_adapters`, `delete_adapters`, `get_active_adapters`, `get_list_adapters`,
+`fuse_lora`, `unfuse_lora`, `unload_lora_weights`, `disable_lora`, `enable_lora`) act on our adapters
+and on PEFT LoRAs loaded with `load_lora_weights` alike (on different layers); the others act on ours.
 """
 
 from __future__ import annotations
@@ -204,6 +205,59 @@ class LieraLoaderMixin:
                 handle.remove()
             if hasattr(model, _HOOKS_ATTR):
                 delattr(model, _HOOKS_ATTR)
+
+    # --- diffusers' LoRA names, acting on our adapters and on diffusers' own LoRAs alike -----------
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """diffusers' `fuse_lora`: ours are fused as `fuse_adapters` does (it always refuses non-finite
+        weights, so `safe_fusing` is implied), diffusers' LoRAs by diffusers."""
+        ours, peft = self._our_adapters(), self._peft_adapters()
+        if adapter_names is not None:
+            unknown = [n for n in adapter_names if n not in ours and n not in peft]
+            if unknown:
+                raise ValueError(f"no adapter named {unknown}; the pipeline has {ours + peft}")
+        chosen = None if adapter_names is None else [n for n in adapter_names if n in ours]
+        if ours and chosen != []:
+            mine = [c for c in (components or self.liera_models()) if c in self.liera_models()]
+            self.fuse_adapters(scale=lora_scale, adapter_names=chosen, components=mine)
+        theirs = None if adapter_names is None else [n for n in adapter_names if n in peft]
+        if peft and theirs != []:
+            components = [
+                c for c in (components or self._lora_loadable_modules) if c in self._lora_loadable_modules
+            ]
+            super().fuse_lora(components, lora_scale, safe_fusing, theirs, **kwargs)
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        mine = [c for c in (components or self.liera_models()) if c in self.liera_models()]
+        self.unfuse_adapters(components=mine)
+        if self._peft_adapters():
+            components = [
+                c for c in (components or self._lora_loadable_modules) if c in self._lora_loadable_modules
+            ]
+            super().unfuse_lora(components, **kwargs)
+
+    def unload_lora_weights(self, *args, **kwargs) -> None:
+        """Unload our adapters and diffusers' LoRAs (what is fused stays in the weights, as in diffusers)."""
+        self.unload_adapters()
+        if self._peft_adapters():
+            super().unload_lora_weights(*args, **kwargs)
+
+    def disable_lora(self) -> None:
+        self.disable_adapters()
+        if self._peft_adapters():
+            super().disable_lora()
+
+    def enable_lora(self) -> None:
+        self.enable_adapters()
+        if self._peft_adapters():
+            super().enable_lora()
 
     # --- the runtime scale for text encoders --------------------------------------------------
 

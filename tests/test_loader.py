@@ -319,3 +319,47 @@ def test_files_from_either_transformers_version_load(tmp_path, pipe, files):
     assert other.keys() != tensors.keys()
     pipe.load_adapter((other, metadata), adapter_name="other_version")
     assert torch.equal(tiny.generate(pipe), expected)
+
+
+def test_diffusers_lora_method_names_act_on_ours_and_theirs(tmp_path, pipe, files):
+    """A diffusers user's `fuse_lora`/`unfuse_lora`/`disable_lora`/`enable_lora`/`unload_lora_weights`
+    act on our adapters too, with a PEFT LoRA loaded beside them (on other layers)."""
+    from plugin.export import lora_state_dict, save_lora
+
+    base = tiny.generate(pipe)
+    weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    attention_only = tiny.adapter_file(
+        tmp_path / "attn.safetensors", tiny.sd(tmp_path), "lora", targets="attn"
+    )
+    exporter = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    exporter.load_adapter(attention_only, adapter_name="lora")
+    save_lora(
+        tmp_path / "kohya.safetensors",
+        *lora_state_dict(exporter.liera_models(), "lora", rank=8, progress=False),
+    )
+    pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
+    tensors, metadata = plugin.read_adapter_file(files["liera"])
+    convs = {k: v for k, v in tensors.items() if ".resnets." in k or "samplers" in k}
+    pipe.load_adapter((convs, metadata), adapter_name="ours")
+    pipe.set_adapters(["ours", "peft"])
+    both = tiny.generate(pipe)
+    assert (both - base).abs().max() > 1e-3
+
+    pipe.disable_lora()
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=0)
+    pipe.enable_lora()
+    torch.testing.assert_close(tiny.generate(pipe), both, atol=1e-5, rtol=0)
+    pipe.fuse_lora()
+    layer = pipe.unet.down_blocks[0].resnets[0].conv1
+    assert layer.fused == {"ours": 1.0}
+    torch.testing.assert_close(tiny.generate(pipe), both, atol=1e-4, rtol=0)
+    pipe.unfuse_lora()
+    assert not layer.fused
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {}
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=0)
+    for name, param in pipe.unet.named_parameters():
+        if ".resnets." in name or "samplers" in name:  # ours: unfused bit for bit
+            assert torch.equal(param, weights[name]), name
+        else:  # PEFT's own unmerge subtracts its delta again: float rounding
+            torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6)
