@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .backends import BACKEND_CLASSES, backend_owning
-from .compositions import COMPOSITION_CLASSES, compose, composition_from
+from .compositions import COMPOSITION_CLASSES, all_finite, composition_from
 from .config import AdapterConfig
 from .inject import (
     adaptable_layers,
@@ -32,7 +32,7 @@ from .inject import (
     check_weight,
     list_adapters,
 )
-from .layer import Adapter
+from .layer import Adapter, one_adapted_weight
 
 FORMAT_VERSION = "liera/1"  # what a file needs nothing newer than; `liera/2` adds backends and `dora`
 FORMAT_VERSIONS = {"liera/1": 1, "liera/2": 2}
@@ -202,7 +202,7 @@ def plan_load(
             raise AdapterFileError(
                 f"{where}: key {key!r} has dtype {tensor.dtype}; FORMAT.md allows floats only"
             )
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise AdapterFileError(f"{where}: key {key!r} holds non-finite values (NaN or inf)")
         grouped.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor
 
@@ -268,8 +268,7 @@ def check_adapted_weights(
         for module, adapter in adapters.items():
             layer = layers[module]
             original = layer.original_weight() if hasattr(layer, "original_weight") else layer.weight
-            adapted = compose(original, [adapter.term(weight, original)], original.dtype)
-            if not torch.isfinite(adapted).all():
+            if not all_finite(one_adapted_weight(original, adapter, weight)):
                 raise AdapterFileError(
                     f"{where}: {component}.{module} would get a non-finite adapted weight W' at weight {weight} "
                     f"(its update overflows {original.dtype})"

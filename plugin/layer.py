@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backends import Backend
-from .compositions import Composition, Term, compose
+from .compositions import Composition, Term, all_finite, compose
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -74,8 +74,9 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self.runtime_scale = 1.0  # diffusers' `cross_attention_kwargs={"scale": x}`
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
-        # While anything is fused: the original weight, on the CPU. Unfusing copies it back, so it
-        # is exact in every dtype (FORMAT.md), and `dora` terms, which need `W`, can still be built.
+        # While anything is fused: the original weight, on the CPU (the very tensor, for a CPU layer).
+        # Unfusing puts it back, so it is exact in every dtype (FORMAT.md), and `dora` terms, which
+        # need `W`, can still be built.
         self._original: torch.Tensor | None = None
 
     def __getattr__(self, name: str):
@@ -195,7 +196,11 @@ class AdaptedLayer(nn.Module):
         if not self.fused:
             return
         self._weight_cache = None
-        self.base_layer.weight.copy_(self._original)
+        weight = self.base_layer.weight
+        if self._original.device == weight.device and self._original.dtype == weight.dtype:
+            weight.data = self._original  # the original tensor itself: nothing copied
+        else:  # kept on the CPU, or the layer was cast since: copy it back
+            weight.copy_(self._original)
         self._original = None
         self.fused = {}
 
@@ -212,14 +217,22 @@ class AdaptedLayer(nn.Module):
         """Make the base weight `W` with exactly `multipliers`' adapters folded in (from `W` itself)."""
         weight = self.base_layer.weight
         original = self.original_weight()
-        terms = [self.adapters[name].term(m, original) for name, m in multipliers.items()]
-        fused = compose(original, terms, weight.dtype)
-        if not torch.isfinite(fused).all():
+        if len(multipliers) == 1:
+            (name, multiplier), *_ = multipliers.items()
+            fused = one_adapted_weight(original, self.adapters[name], multiplier)
+        else:
+            terms = [self.adapters[name].term(m, original) for name, m in multipliers.items()]
+            fused = compose(original, terms, weight.dtype)
+        if not all_finite(fused):
             raise ValueError(f"fusing {sorted(multipliers)} would make non-finite weights; nothing was fused")
         self._weight_cache = None
-        if self._original is None:
-            self._original = weight.detach().to("cpu", copy=True)
-        weight.copy_(fused)
+        if self._original is None and weight.device.type == "cpu":
+            # Keep the original tensor and give the layer the fused one: no weight-sized copy.
+            self._original, weight.data = weight.data, fused
+        else:
+            if self._original is None:  # accelerator memory is the scarce one: keep W on the CPU
+                self._original = weight.detach().to("cpu", copy=True)
+            weight.copy_(fused)
         self.fused = multipliers
 
     def _apply(self, fn, recurse=True):
@@ -329,6 +342,18 @@ def _rebuild_in_workspace(
     with float32_rebuild(weight):
         update = torch.mm(left, right, out=out).view(weight.shape)
     return adapter.composition.build_in_place(weight, update)
+
+
+def one_adapted_weight(weight: torch.Tensor, adapter: Adapter, multiplier: float) -> torch.Tensor:
+    """`W'` of one adapter on `weight`, as a fresh tensor of its dtype: built in the memory of the
+    update itself where the backend is one product and the composition works in place (one
+    weight-sized allocation instead of two). No autograd: for fusing and checks."""
+    if weight.dtype == torch.float32 and adapter.composition.in_place and adapter.backend.has_factors:
+        left, right = adapter.factors(multiplier)
+        with float32_rebuild(weight):
+            update = (left @ right).view(weight.shape)
+        return adapter.composition.build_in_place(weight, update)
+    return compose(weight, [adapter.term(multiplier, weight)], weight.dtype)
 
 
 def _positions(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Compositions, one per file: how an adapter's update meets the weight (FORMAT.md)."""
 
 from .additive import Additive
-from .base import Composition, Term, compose
+from .base import Composition, Term, all_finite, compose
 from .dora import Dora
 from .lie import LIE_MAPS, Lie
 
@@ -24,6 +24,7 @@ __all__ = [
     "Dora",
     "Lie",
     "Term",
+    "all_finite",
     "compose",
     "composition_from",
 ]

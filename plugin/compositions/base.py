@@ -93,6 +93,13 @@ class _LieExp(torch.autograd.Function):
         return grad_weight, grad_update, None
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. A float32 sum is finite exactly when no element is NaN or inf
+    (unless finite values overflow it, then the element-wise check decides): on the CPU a sum is several
+    times faster than `isfinite`, which writes a weight-sized mask."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if not tensors:
         return None
