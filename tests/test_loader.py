@@ -1,5 +1,7 @@
 """The pipeline loader on real (tiny) diffusers pipelines: load, mix, weigh, fuse, unload, refuse."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
@@ -273,8 +275,8 @@ def test_sdxl_two_text_encoders(tmp_path):
     torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-4, rtol=0)
 
 
-def test_diffusers_loras_and_ours_in_one_pipeline(tmp_path, pipe, files):
-    """Our `set_adapters`/`get_*`/`delete_adapters` shadow diffusers' and still drive its PEFT LoRAs."""
+def kohya_lora_on_attention(tmp_path) -> Path:
+    """A diffusers-readable LoRA file on the attention layers (PEFT and we can't wrap the same layer)."""
     from plugin.export import lora_state_dict, save_lora
 
     attention_only = tiny.adapter_file(
@@ -282,10 +284,13 @@ def test_diffusers_loras_and_ours_in_one_pipeline(tmp_path, pipe, files):
     )
     exporter = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
     exporter.load_adapter(attention_only, adapter_name="lora")
-    save_lora(
-        tmp_path / "kohya.safetensors",
-        *lora_state_dict(exporter.liera_models(), "lora", rank=8, progress=False),
-    )
+    state, report = lora_state_dict(exporter.liera_models(), "lora", rank=8, progress=False)
+    return save_lora(tmp_path / "kohya.safetensors", state, report)
+
+
+def test_diffusers_loras_and_ours_in_one_pipeline(tmp_path, pipe, files):
+    """Our `set_adapters`/`get_*`/`delete_adapters` shadow diffusers' and still drive its PEFT LoRAs."""
+    kohya_lora_on_attention(tmp_path)
     peft_only = tiny.sd(tmp_path)
     peft_only.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
     peft_latents = tiny.generate(peft_only)
@@ -324,19 +329,9 @@ def test_files_from_either_transformers_version_load(tmp_path, pipe, files):
 def test_diffusers_lora_method_names_act_on_ours_and_theirs(tmp_path, pipe, files):
     """A diffusers user's `fuse_lora`/`unfuse_lora`/`disable_lora`/`enable_lora`/`unload_lora_weights`
     act on our adapters too, with a PEFT LoRA loaded beside them (on other layers)."""
-    from plugin.export import lora_state_dict, save_lora
-
     base = tiny.generate(pipe)
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    attention_only = tiny.adapter_file(
-        tmp_path / "attn.safetensors", tiny.sd(tmp_path), "lora", targets="attn"
-    )
-    exporter = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
-    exporter.load_adapter(attention_only, adapter_name="lora")
-    save_lora(
-        tmp_path / "kohya.safetensors",
-        *lora_state_dict(exporter.liera_models(), "lora", rank=8, progress=False),
-    )
+    kohya_lora_on_attention(tmp_path)
     pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
     tensors, metadata = plugin.read_adapter_file(files["liera"])
     convs = {k: v for k, v in tensors.items() if ".resnets." in k or "samplers" in k}

@@ -6,22 +6,12 @@ import struct
 
 import pytest
 import torch
-from torch import nn
 
 import plugin
 from plugin import AdapterConfig, AdapterFileError
 from plugin.layer import AdaptedLayer
 from tests.conftest import randomize
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-        self.proj = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.proj(self.conv(x).mean(dim=(2, 3)))
+from tests.test_compositions import Block
 
 
 def adapted(method="liera", name="a"):

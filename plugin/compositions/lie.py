@@ -31,7 +31,7 @@ class Lie(Composition):
 
     def term(self, adapter, multiplier, weight):
         update = adapter.backend.delta(multiplier * adapter.scale)
-        return Term("exponent", update) if self.lie_map == "exp" else Term("factor", update.add_(1))
+        return Term("exponent", update) if self.lie_map == "exp" else Term("factor", 1 + update)
 
     def build_in_place(self, weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         mapped = update.exp_() if self.lie_map == "exp" else update.add_(1)
