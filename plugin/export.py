@@ -71,7 +71,7 @@ def lora_factors(
     delta = effective_delta(layer, adapter).reshape(layer.base_layer.weight.shape[0], -1)
     if not torch.any(delta):
         return None
-    if adapter.composition.bypassable and adapter.backend.has_factors:
+    if adapter.composition.adds_update and adapter.backend.has_factors:
         # An added update that is one matrix product is a LoRA already (lowrank, tucker, cp, rowcol).
         up, down = (f.detach().float() for f in adapter.factors(1.0))
         own_rank, own = down.shape[0], (up, down, True)
@@ -320,7 +320,7 @@ def own_rank(models: Mapping[str, nn.Module], adapter_name: str) -> int | None:
             if adapter_name not in layer.adapters:
                 continue
             adapter = layer.adapters[adapter_name]
-            if not (adapter.composition.bypassable and adapter.backend.has_factors):
+            if not (adapter.composition.adds_update and adapter.backend.has_factors):
                 return None
             with torch.no_grad():
                 ranks.append(adapter.factors(1.0)[1].shape[0])

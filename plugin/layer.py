@@ -102,10 +102,15 @@ class AdaptedLayer(nn.Module):
         if not adapters:
             return self.base_layer(x)
         if self._bypass_is_cheaper(adapters, x):
-            out = self.base_layer(x)
+            layer = self.base_layer
+            out = layer(x)
+            plain = None  # W x without the bias, for compositions that scale it (DoRA)
+            if any(a.composition.bypass_uses_plain for a, _ in adapters):
+                plain = out if layer.bias is None else out - self._bias_for(out, layer.bias)
+            x_adapter = x.to(adapters[0][0].scale.dtype)
             for adapter, multiplier in adapters:
-                update = adapter.backend.bypass(self.base_layer, x.to(adapter.scale.dtype))
-                out = out + ((multiplier * adapter.scale) * update).to(out.dtype)
+                update = adapter.composition.bypass(adapter, multiplier, layer, x_adapter, plain)
+                out = out + update.to(out.dtype)
             return out
         if torch.is_grad_enabled():
             self._weight_cache = None
@@ -149,6 +154,12 @@ class AdaptedLayer(nn.Module):
             return nn.functional.linear(x, weight, layer.bias)
         return layer._conv_forward(x, weight, layer.bias)
 
+    def _bias_for(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The bias shaped to broadcast over `out`: output channels are last for a Linear, before
+        the spatial axes for a conv."""
+        spatial = self.base_layer.weight.ndim - 2
+        return bias.reshape(-1, *[1] * spatial) if spatial else bias
+
     def original_weight(self) -> torch.Tensor:
         """`W`: the base weight with nothing fused into it."""
         weight = self.base_layer.weight
@@ -164,12 +175,16 @@ class AdaptedLayer(nn.Module):
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
         layer = self.base_layer
-        # Bypassable terms add on top of whatever is fused (W_f + A_u), so fused adapters don't matter.
-        if any(not a.composition.bypassable or not a.backend.can_bypass(layer) for a, _ in adapters):
+        # Bypassed terms add on top of whatever is fused (W_f + A_u); a composition that needs the
+        # original W (DoRA) says whether it can run on a fused layer.
+        if not all(a.composition.can_bypass(a, layer, bool(self.fused)) for a, _ in adapters):
             return False
         in_positions, out_positions = _positions(layer, x)
         training = torch.is_grad_enabled()
-        bypass = sum(a.backend.bypass_flops(in_positions, out_positions) for a, _ in adapters)
+        bypass = sum(
+            a.backend.bypass_flops(in_positions, out_positions) + a.composition.bypass_flops(a, out_positions)
+            for a, _ in adapters
+        )
         rebuild = sum(a.backend.delta_flops() for a, _ in adapters) + layer.weight.numel()
         if training:
             # Backward through the bypass is about twice its forward; a rebuilt weight also needs

@@ -365,3 +365,29 @@ def test_hand_written_tensors_give_format_md_numbers(method, tensors, weight, ex
     with torch.no_grad():
         adapted = layer.adapted_weight(layer.unfused_terms_active())
     torch.testing.assert_close(adapted, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "variant", [("dora", "lowrank", "exp"), ("dora", "tucker", "exp"), ("additive", "tucker", "exp")]
+)
+def test_the_bypass_forms_match_the_formula(variant, monkeypatch):
+    """DoRA as a bypass, `(g - 1) ⊙ W x + g ⊙ s·D x` with the norms taken from the factors (what large
+    layers with many tokens run), against FORMAT.md: outputs and gradients."""
+
+    def bypass_when_possible(self, adapters, x):
+        return all(a.composition.can_bypass(a, self.base_layer, bool(self.fused)) for a, _ in adapters)
+
+    monkeypatch.setattr(plugin.AdaptedLayer, "_bypass_is_cheaper", bypass_when_possible)
+    block = adapted_block([variant])
+    plugin.set_adapters(block, ["a0"], [0.5])
+    x = torch.randn(4, 6, 7, 7, requires_grad=True)
+    assert block.conv._bypass_is_cheaper(block.conv.unfused_terms_active(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference(block, [("a0", 0.5)], x), rtol=1e-5, atol=1e-5)
+    _, grad_x, grads = gradients(block, x)
+    block.zero_grad(set_to_none=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference(block, [("a0", 0.5)], x_ref).square().sum().backward()
+    torch.testing.assert_close(grad_x, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, block.get_parameter(name).grad, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from .base import Composition, Term
 class Additive(Composition):
     name = "additive"
     bypassable = True
+    adds_update = True
     in_place = True
 
     def term(self, adapter, multiplier, weight):

@@ -33,7 +33,9 @@ class Composition:
 
     name: str
     since: int = 1  # the FORMAT.md version that defines it
-    bypassable: bool = False  # the term is `c·D` added: it can run on the activations instead
+    bypassable: bool = False  # the term can run on the activations instead (`bypass`)
+    bypass_uses_plain: bool = False  # `bypass` needs the layer's `W x`
+    adds_update: bool = False  # `W' - W` is the scaled update `c·D` itself (exports use it)
     in_place: bool = False  # `build_in_place`/`pull_back_in_place` exist (one adapter, float32)
     extra_names: tuple[str, ...] = ()  # names of `extra_tensors`, as in a file
 
@@ -56,6 +58,28 @@ class Composition:
     def term(self, adapter: Adapter, multiplier: float, weight: torch.Tensor) -> Term:
         """The adapter's contribution at user weight `multiplier`, given the original weight `W`."""
         raise NotImplementedError
+
+    def can_bypass(self, adapter: Adapter, layer: torch.nn.Module, fused: bool) -> bool:
+        """Whether `bypass` can run this adapter on `layer`'s activations (`fused`: the layer's weight
+        has other adapters folded in, so it is not `W`)."""
+        return self.bypassable and adapter.backend.can_bypass(layer)
+
+    def bypass(
+        self,
+        adapter: Adapter,
+        multiplier: float,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        plain: torch.Tensor,
+    ) -> torch.Tensor:
+        """What this adapter adds to the layer's output, given its input `x` and (if
+        `bypass_uses_plain`) `plain = W x` without the bias: `(W' - W) x` without building `W'`.
+        Default: `c · D x` (additive)."""
+        return (multiplier * adapter.scale) * adapter.backend.bypass(layer, x)
+
+    def bypass_flops(self, adapter: Adapter, out_positions: int) -> int:
+        """Multiply-adds `bypass` needs beyond the backend's own bypass."""
+        return 0
 
     def build_in_place(self, weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """`W'` for one adapter whose scaled update `c·D` is in `update`, built in its memory."""
