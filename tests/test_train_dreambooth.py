@@ -147,6 +147,17 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
             assert (output_dir / "validation" / f"{name}.png").is_file(), name
 
 
+def assert_same_adapter(output_dir: Path, reference: Path) -> None:
+    """The run in `output_dir` ended with the reference run's adapter (to float32 rounding)."""
+    expected, resumed = (
+        load_file(reference / "adapter.safetensors"),
+        load_file(output_dir / "adapter.safetensors"),
+    )
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+
+
 def test_a_killed_run_resumed_from_latest_reaches_the_same_adapter(tiny):
     reference = reference_run(tiny, "liera")
     output_dir = tiny["root"] / "killed"
@@ -164,13 +175,7 @@ def test_a_killed_run_resumed_from_latest_reaches_the_same_adapter(tiny):
     output = run([*args, "--resume_from_checkpoint", "latest"])
     assert "Resuming from checkpoint" in output
     assert "Generating" not in output  # the drift measure's class images were made once, before training
-    expected, resumed = (
-        load_file(reference / "adapter.safetensors"),
-        load_file(output_dir / "adapter.safetensors"),
-    )
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    assert_same_adapter(output_dir, reference)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     reference_metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["losses"] == pytest.approx(reference_metrics["losses"], abs=1e-5)
@@ -498,11 +503,5 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(tiny, fraction):
     if (output_dir / "adapter.safetensors").exists():
         plugin.read_adapter_file(output_dir / "adapter.safetensors")  # whole, or not there at all
     run([*args, "--resume_from_checkpoint", "latest"])
-    expected, resumed = (
-        load_file(reference / "adapter.safetensors"),
-        load_file(output_dir / "adapter.safetensors"),
-    )
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+    assert_same_adapter(output_dir, reference)
     assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 4
