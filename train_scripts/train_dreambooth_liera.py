@@ -567,6 +567,16 @@ def identity_differences(recorded_in: Path, identity: dict) -> list[str] | None:
     return [key for key in identity if recorded.get(key) != identity[key]]
 
 
+def resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names: a folder, its name in --output_dir, or the
+    latest one there ("latest"; None when there is none yet)."""
+    if args.resume_from_checkpoint == "latest":
+        folders = checkpoint_folders(args.output_dir)
+        return folders[-1] if folders else None
+    path = Path(args.resume_from_checkpoint)
+    return path if path.is_dir() else Path(args.output_dir, args.resume_from_checkpoint)
+
+
 def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Never overwrite another run, and resume only the same run: a checkpoint of a different
     configuration would train nothing (or the wrong thing) and ship its old adapter."""
@@ -574,11 +584,7 @@ def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     identity = run_identity(args)
     checkpoints = checkpoint_folders(output_dir)
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            path = checkpoints[-1] if checkpoints else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-            path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
+        path = resume_checkpoint(args)
         if path is None:
             return
         differences = identity_differences(path / RUN_FILE, identity)
@@ -974,11 +980,6 @@ def log_validation(
     return images
 
 
-def latest_checkpoint(output_dir: str) -> Path | None:
-    folders = checkpoint_folders(output_dir)
-    return folders[-1] if folders else None
-
-
 class HeldoutTrack:
     """The held-out loss during training: its curve ([step, loss], step 0 = the base, None for a
     non-finite loss) and, with --keep_best_heldout, a copy of the adapter at its lowest point.
@@ -1038,10 +1039,7 @@ def save_checkpoint(
     """accelerate's state (adapter via the save hook, optimizer, scheduler) in checkpoint-<step>, with
     the loss curves and the best adapter so far, written under a temporary name first so a run
     killed while saving never leaves half a checkpoint."""
-    checkpoints = sorted(
-        (p for p in Path(args.output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
+    checkpoints = checkpoint_folders(args.output_dir)
     if args.checkpoints_total_limit is not None and len(checkpoints) >= args.checkpoints_total_limit:
         for old in checkpoints[: len(checkpoints) - args.checkpoints_total_limit + 1]:
             logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
@@ -1371,11 +1369,7 @@ def main(args: argparse.Namespace) -> dict:
 
     global_step, first_epoch, losses = 0, 0, []
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            path = latest_checkpoint(args.output_dir)
-        else:
-            path = Path(args.resume_from_checkpoint)
-            path = path if path.is_dir() else Path(args.output_dir, args.resume_from_checkpoint)
+        path = resume_checkpoint(args)
         if path is None:
             accelerator.print("No checkpoint in --output_dir yet. Starting a new training run.")
         else:
