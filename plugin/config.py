@@ -95,7 +95,8 @@ class AdapterConfig:
     overrides the rank of modules whose name matches a pattern, like PEFT's. With `alpha` set the
     scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`. `init`,
     `blocks` and `vectors` go to the backends that have them (`blocks` is clipped per layer to a
-    divisor of both channel counts). Unset fields take the preset's values.
+    divisor of both channel counts); `init="pissa"` starts lowrank and tucker updates at `W`'s
+    principal part (PiSSA, HOSVD), hadamard ones at ABBA's. Unset fields take the preset's values.
     """
 
     method: str = "liera"
@@ -141,9 +142,27 @@ class AdapterConfig:
         from .backends import BACKEND_CLASSES, accepted_options  # backends import this module
 
         chosen = {self.backend_for(2), self.backend_for(4)}
+        if self.init == "pissa":
+            self._check_principal_start({b: BACKEND_CLASSES[b] for b in chosen})
+            explicit.discard("init")
         for name in explicit:
             if not any(name in accepted_options(BACKEND_CLASSES[b], {name: 0}) for b in chosen):
                 raise ValueError(f"{name} does not apply to the {' and '.join(sorted(chosen))} backend")
+
+    def _check_principal_start(self, backends: dict) -> None:
+        """`init="pissa"` (PiSSA) needs an update that adds to `W` and a backend with a principal start."""
+        if self.composition not in ("additive", "dora"):
+            raise ValueError(
+                f"init 'pissa' starts an update that adds to W at W's principal part; the {self.composition} "
+                "composition multiplies W instead (use an additive or dora preset: lora, flora, abba, dora)"
+            )
+        from .backends import Backend
+
+        lacking = sorted(
+            name for name, cls in backends.items() if cls.init_principal is Backend.init_principal
+        )
+        if lacking:
+            raise ValueError(f"init 'pissa': the {' and '.join(lacking)} backend has no principal start")
 
     def target_patterns(self) -> tuple[str, ...]:
         return TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)

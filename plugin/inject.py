@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .backends import BACKEND_CLASSES, accepted_options
+from .backends import BACKEND_CLASSES, Backend, accepted_options, principal_start
 from .compositions import composition_from
 from .config import AdapterConfig, name_matches
 from .layer import ADAPTABLE, AdaptedLayer, Adapter
@@ -73,14 +73,27 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "de
     adapters = {}
     for name, module in targets.items():
         weight = module.weight
-        rank = config.rank_for(name, weight.ndim)
-        backend_cls = BACKEND_CLASSES[config.backend_for(weight.ndim)]
-        options = accepted_options(backend_cls, {**config.backend_options(), "weight": weight})
-        backend = backend_cls(tuple(weight.shape), rank, **options).to(weight.device)
+        backend = new_backend(config, name, weight)
         extra = composition.extra_tensors(weight)
-        adapters[name] = Adapter(backend, composition, config.scale_for(rank), extra).to(weight.device)
+        scale = config.scale_for(config.rank_for(name, weight.ndim))
+        adapters[name] = Adapter(backend, composition, scale, extra).to(weight.device)
     attach(model, adapter_name, config, adapters)
     return list(targets)
+
+
+def new_backend(config: AdapterConfig, module_name: str, weight: torch.Tensor) -> Backend:
+    """The freshly initialised update `config` gives the layer `module_name` with weight `W`: `D = 0`,
+    or with `init="pissa"` a principal start on a frozen residual (`principal_start`)."""
+    rank = config.rank_for(module_name, weight.ndim)
+    backend_cls = BACKEND_CLASSES[config.backend_for(weight.ndim)]
+    options = {**config.backend_options(), "weight": weight}
+    if config.init == "pissa":
+        del options["init"]  # the backend's own default, then the principal start below
+    backend = backend_cls(tuple(weight.shape), rank, **accepted_options(backend_cls, options))
+    backend = backend.to(weight.device)
+    if config.init == "pissa":
+        backend = principal_start(backend, weight, config.scale_for(rank))
+    return backend
 
 
 def check_adapter_name(name: object) -> str:
@@ -246,13 +259,16 @@ def unload_adapters(model: nn.Module) -> None:
         delattr(model, FROZEN_ATTR)
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str, prefix: str = "") -> dict[str, torch.Tensor]:
-    """FORMAT.md's tensors of one adapter: `<prefix><module path>.<param>`."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str, prefix: str = "", trained_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """FORMAT.md's tensors of one adapter: `<prefix><module path>.<param>` (`trained_only`: see
+    `Adapter.tensors`)."""
     _check_names(model, adapter_name)
     state = {}
     for path, layer in adapted_layers(model).items():
         if adapter_name in layer.adapters:
-            for param, tensor in layer.adapters[adapter_name].tensors().items():
+            for param, tensor in layer.adapters[adapter_name].tensors(trained_only).items():
                 state[f"{prefix}{path}.{param}"] = tensor.detach()
     return state
 

@@ -13,7 +13,7 @@ import threading
 import torch
 from torch import nn
 
-from .backends import Backend
+from .backends import Backend, trained_part
 from .compositions import Composition, Term, all_finite, compose
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -54,10 +54,12 @@ class Adapter(nn.Module):
         with float32_rebuild(self.scale):
             return self.backend.factors(multiplier * self.scale)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """FORMAT.md's tensors for this module, by name."""
+    def tensors(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
+        """FORMAT.md's tensors for this module, by name. With `trained_only`, an update that continues
+        a frozen one (`Continued`) gives its trained part's tensors instead of the two combined."""
+        backend = trained_part(self.backend) if trained_only else self.backend.plain()
         extra = {name: getattr(self, name) for name in self.extra_names}
-        return {**dict(self.backend.named_parameters()), **extra, "scale": self.scale}
+        return {**dict(backend.named_parameters()), **extra, "scale": self.scale}
 
 
 class AdaptedLayer(nn.Module):

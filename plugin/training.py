@@ -182,7 +182,7 @@ def copy_adapter_tensors(
     live = {}
     for component, model in models.items():
         if adapter_name in list_adapters(model):
-            live.update(adapter_state_dict(model, adapter_name, prefix=f"{component}."))
+            live.update(adapter_state_dict(model, adapter_name, prefix=f"{component}.", trained_only=True))
     missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
     if missing or unexpected:
         raise ValueError(

@@ -505,3 +505,68 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(tiny, fraction):
     run([*args, "--resume_from_checkpoint", "latest"])
     assert_same_adapter(output_dir, reference)
     assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 4
+
+
+PROCEDURES = {  # 6 steps, a restart at step 3: checkpoint-4 is in the middle of the second cycle
+    "lora": ["--init", "pissa", "--relora_steps", "3", "--mpc", "orthogonal"],
+    "flora": ["--init", "pissa", "--relora_steps", "3"],
+    "hira": ["--relora_steps", "3", "--mpc", "diagonal"],
+}
+
+
+def procedure_run(tiny: dict[str, Path], method: str) -> Path:
+    if f"procedures-{method}" not in _REFERENCE:
+        output_dir = tiny["root"] / f"procedures-{method}"
+        run(train_args(tiny, output_dir, method, "--max_train_steps", "6", *PROCEDURES[method]))
+        _REFERENCE[f"procedures-{method}"] = output_dir
+    return _REFERENCE[f"procedures-{method}"]
+
+
+@pytest.mark.parametrize("method", list(PROCEDURES))
+def test_procedures_save_a_plain_file_that_reproduces_the_trained_model(tiny, method):
+    output_dir = procedure_run(tiny, method)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6
+    # The script loads its own file on the base and compares it with the model it trained.
+    assert metrics["saved_vs_trained_max_abs_diff"] < 1e-5
+    tensors, header = plugin.read_adapter_file(output_dir / "adapter.safetensors")
+    assert header["format"] == "liera/1"  # a plain adapter, readable by any liera/1 loader
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    if method == "lora":  # PiSSA's start, its negation, a restart (trained, next start's negation), trained
+        assert tensors[f"{key}.lora_down"].shape[0] == 4 * 4
+    assert (output_dir / "checkpoint-4" / "adapter_training_state.safetensors").is_file()
+    difference = unet_output(tiny["base"], output_dir / "adapter.safetensors") - unet_output(tiny["base"])
+    assert difference.abs().max() > 1e-6
+
+
+def test_a_relora_run_resumed_in_the_middle_of_a_cycle_reaches_the_same_adapter(tiny):
+    reference = procedure_run(tiny, "lora")
+    output_dir = tiny["root"] / "procedures-resumed"
+    output_dir.mkdir()
+    shutil.copy(reference / "run.json", output_dir / "run.json")
+    shutil.copytree(reference / "checkpoint-4", output_dir / "checkpoint-4")
+    args = train_args(tiny, output_dir, "lora", "--max_train_steps", "6", *PROCEDURES["lora"])
+    output = run([*args, "--resume_from_checkpoint", "latest"])
+    assert "Resuming from checkpoint" in output
+    assert_same_adapter(output_dir, reference)
+    losses = json.loads((output_dir / "metrics.json").read_text())["losses"]
+    assert losses == pytest.approx(json.loads((reference / "metrics.json").read_text())["losses"], abs=1e-5)
+
+
+def test_procedures_are_refused_where_they_cannot_keep_the_file_plain(tiny, script, capsys):
+    args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    assert "a sum of hadamard updates is not one" in refusal(
+        script, capsys, [*args, "--adapter", "loha", "--relora_steps", "50"]
+    )
+    assert "--mpc: MPC constrains" in refusal(
+        script, capsys, [*args, "--adapter", "diablo", "--mpc", "orthogonal"]
+    )
+    assert "the lie composition multiplies W" in refusal(
+        script, capsys, [*args, "--adapter", "liera", "--init", "pissa"]
+    )
+    assert "--relora_warmup_steps needs --relora_steps" in refusal(
+        script, capsys, [*args, "--relora_warmup_steps", "5"]
+    )
+    assert "--relora_steps must be a positive integer" in refusal(
+        script, capsys, [*args, "--relora_steps", "0"]
+    )

@@ -13,7 +13,8 @@
 Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter` (a preset:
 lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, dora-flora) and
 `--backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
-`--targets`. In `--output_dir` the run leaves `adapter.safetensors` (format `liera/1`, or `liera/2`
+`--targets`; training procedures with `--init pissa` (PiSSA/HOSVD start), `--relora_steps` (ReLoRA
+restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves `adapter.safetensors` (format `liera/1`, or `liera/2`
 for the newer presets; see FORMAT.md), `checkpoint-<step>/` folders (resumable with
 `--resume_from_checkpoint latest`), `validation/*.png` grids, `metrics.json` and a `README.md` card.
 
@@ -81,6 +82,9 @@ BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", 
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
+# In a checkpoint, beside the adapter file, when the adapter continues a frozen part (PiSSA, ReLoRA):
+# the trained and frozen parts apart, which resuming needs (plugin.procedures.training_state).
+TRAINING_STATE_FILENAME = "adapter_training_state.safetensors"
 RUN_FILE = "run.json"  # in --output_dir and in every checkpoint: the run's identity (RUN_IDENTITY)
 # What makes two runs the same training: a checkpoint resumes only a run equal in all of these, and an
 # --output_dir holding another run is refused. The others (steps, checkpointing, validation, logging)
@@ -93,7 +97,9 @@ RUN_IDENTITY = (
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
+    "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
+RELORA_KEY = 5  # the first key of a restart's seed (plugin.training's keys are 1-4)
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
 
 
@@ -379,7 +385,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Channel blocks of blockdiag/blocklowrank (default: the preset's).",
     )
     adapter.add_argument(
-        "--init", type=str, default=None, help="The hadamard backend's initialisation: loha or abba."
+        "--init",
+        type=str,
+        default=None,
+        help="pissa: start at W's principal part and train on the residual (PiSSA; HOSVD for tucker, "
+        "ABBA's start for hadamard); loha or abba: the hadamard backend's own initialisations.",
     )
     adapter.add_argument(
         "--vectors", type=str, default=None, help="The rowcol backend's vectors: both, row or col."
@@ -417,6 +427,32 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--save_every_rank",
         action="store_true",
         help="Every process also writes adapter_rank<i>.safetensors (to check that data-parallel ranks agree).",
+    )
+
+    procedures = parser.add_argument_group("training procedures (docs/METHODS.md)")
+    procedures.add_argument(
+        "--relora_steps",
+        type=int,
+        default=None,
+        help="ReLoRA: every this many steps fold the adapter into a frozen part, re-initialise it, reset "
+        "its optimizer state and warm the learning rate up again. The file stays one plain adapter.",
+    )
+    procedures.add_argument(
+        "--relora_warmup_steps",
+        type=int,
+        default=None,
+        help="Learning-rate warm-up after each restart (default: a tenth of --relora_steps).",
+    )
+    procedures.add_argument(
+        "--mpc",
+        type=str,
+        default=None,
+        choices=["orthogonal", "diagonal", "nonnegative"],
+        help="A matrix pattern constraint (Subspace-Tuning, Si et al. 2024) on the adapter's factors, "
+        "added to the loss as a penalty.",
+    )
+    procedures.add_argument(
+        "--mpc_weight", type=float, default=0.1, help="The weight of the --mpc penalty in the loss."
     )
 
     args = parser.parse_args(input_args)
@@ -466,6 +502,30 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         config = adapter_config_from(args, base_model=None)
     except ValueError as error:
         parser.error(f"adapter: {error}")
+    if args.relora_steps is not None:
+        _positive(parser, args, "relora_steps")
+        if args.relora_warmup_steps is None:
+            args.relora_warmup_steps = args.relora_steps // 10
+        if not 0 <= args.relora_warmup_steps < args.relora_steps:
+            parser.error(
+                f"--relora_warmup_steps must be 0 or more and below --relora_steps ({args.relora_steps}), "
+                f"got {args.relora_warmup_steps}"
+            )
+    elif args.relora_warmup_steps is not None:
+        parser.error("--relora_warmup_steps needs --relora_steps")
+    if not (math.isfinite(args.mpc_weight) and args.mpc_weight >= 0):
+        parser.error(f"--mpc_weight must be a finite number, 0 or more, got {args.mpc_weight}")
+    from plugin.procedures import check_constrainable, check_restartable
+
+    for flag, given, check in [
+        ("relora_steps", args.relora_steps, check_restartable),
+        ("mpc", args.mpc, check_constrainable),
+    ]:
+        try:
+            if given is not None:
+                check(config)
+        except ValueError as error:
+            parser.error(f"--{flag}: {error}")
     if isinstance(args.conv_rank, list) and config.backend_for(4) != "tucker":
         parser.error(
             "--conv_rank with several values (per-mode ranks) needs the tucker backend for convolutions"
@@ -823,6 +883,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
 
 import plugin  # noqa: E402
+from plugin.procedures import (  # noqa: E402
+    mpc_penalty,
+    restart,
+    restart_warmup,
+    restore_training_state,
+    training_state,
+)
 from plugin.training import (  # noqa: E402
     NOISE_KEY,
     DreamBoothDataset,
@@ -1056,6 +1123,34 @@ def save_checkpoint(
     logger.info(f"Saved state to {final}")
 
 
+@torch.no_grad()
+def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: argparse.Namespace) -> float:
+    """The largest output difference between the models as trained and the base with the saved file
+    loaded, on a fixed random input: a file must reproduce its training, whatever the procedure."""
+    unet, generator = pipeline.unet, torch.Generator().manual_seed(0)
+    size = args.resolution // pipeline.vae_scale_factor
+    sample = torch.randn(1, unet.config.in_channels, size, size, generator=generator)
+    hidden = torch.randn(1, 8, unet.config.cross_attention_dim, generator=generator)
+    inputs = {
+        "unet": (
+            sample.to(unet.device, unet.dtype),
+            torch.tensor([500], device=unet.device),
+            hidden.to(unet.device, unet.dtype),
+        ),
+        "text_encoder": (
+            pipeline.tokenizer(args.class_prompt or "a photo", return_tensors="pt").input_ids.to(unet.device),
+        ),
+    }
+    largest = 0.0
+    for name, model in trained.items():
+        loaded, mode = getattr(pipeline, name), model.training
+        model.eval()
+        ours, theirs = model(*inputs[name])[0], loaded(*inputs[name])[0]
+        model.train(mode)
+        largest = max(largest, (ours.float() - theirs.float()).abs().max().item())
+    return largest
+
+
 def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     """A short README.md in --output_dir: what was trained on what, how to load it, how it did."""
     base = display_name(args.pretrained_model_name_or_path)
@@ -1237,19 +1332,28 @@ def main(args: argparse.Namespace) -> dict:
     # replace accelerate's model saving and loading.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
+            components = components_of(models)
             plugin.save_adapter(
-                Path(output_dir, ADAPTER_FILENAME),
-                components_of(models),
-                ADAPTER_NAME,
-                base_model=display_name(base),
+                Path(output_dir, ADAPTER_FILENAME), components, ADAPTER_NAME, base_model=display_name(base)
             )
+            state = training_state(components, ADAPTER_NAME)
+            if any(key.startswith("frozen.") for key in state):
+                save_file(
+                    {k: v.contiguous() for k, v in state.items()}, Path(output_dir, TRAINING_STATE_FILENAME)
+                )
         weights.clear()  # nothing else to save for the models
 
     def load_model_hook(models, input_dir):
         components = components_of(models)
         models.clear()  # accelerate must not load model weights itself
-        tensors, _ = plugin.read_adapter_file(Path(input_dir, ADAPTER_FILENAME))
-        copy_adapter_tensors(tensors, components, ADAPTER_NAME)
+        state_file = Path(input_dir, TRAINING_STATE_FILENAME)
+        if state_file.is_file():
+            tensors = load_file(state_file)
+        else:
+            tensors, _ = plugin.read_adapter_file(Path(input_dir, ADAPTER_FILENAME))
+        copy_adapter_tensors(
+            restore_training_state(components, ADAPTER_NAME, tensors), components, ADAPTER_NAME
+        )
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -1301,6 +1405,17 @@ def main(args: argparse.Namespace) -> dict:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
+    if args.relora_steps:
+        # ReLoRA's jagged schedule: the chosen one, warmed up again after every restart.
+        jagged = [
+            restart_warmup(
+                schedule,
+                args.relora_steps * accelerator.num_processes,
+                args.relora_warmup_steps * accelerator.num_processes,
+            )
+            for schedule in lr_scheduler.lr_lambdas
+        ]
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, jagged)
 
     prepared = accelerator.prepare(*trained.values(), optimizer, train_dataloader, lr_scheduler)
     unet = prepared[0]
@@ -1358,11 +1473,7 @@ def main(args: argparse.Namespace) -> dict:
             )
         for model, mode in zip(models, modes):
             model.train(mode)
-        tensors = None
-        if args.keep_best_heldout:
-            tensors = {}
-            for component, model in trained.items():
-                tensors.update(plugin.adapter_state_dict(model, ADAPTER_NAME, prefix=f"{component}."))
+        tensors = training_state(trained, ADAPTER_NAME) if args.keep_best_heldout else None
         heldout.add(step, loss, tensors)
         accelerator.log({"heldout_loss": loss}, step=step)
         logger.info(f"Held-out denoising loss at step {step}: {loss:.4f}")
@@ -1456,6 +1567,8 @@ def main(args: argparse.Namespace) -> dict:
                     loss = instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
                 else:
                     loss = per_example.mean()
+                if args.mpc:
+                    loss = loss + args.mpc_weight * mpc_penalty(trained.values(), ADAPTER_NAME, args.mpc)
 
                 # The mean over all processes and accumulated batches, for the loss curve.
                 step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
@@ -1474,6 +1587,18 @@ def main(args: argparse.Namespace) -> dict:
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
+                if (
+                    args.relora_steps
+                    and global_step % args.relora_steps == 0
+                    and global_step < args.max_train_steps
+                ):
+                    # Every process restarts alike (same seed); a checkpoint of this step holds the result.
+                    seed = int(
+                        np.random.SeedSequence([RELORA_KEY, args.seed, global_step]).generate_state(1)[0]
+                    )
+                    for model in trained.values():
+                        for param in restart(model, ADAPTER_NAME, seed):
+                            optimizer.state.pop(param, None)
                 losses.append(sum(step_losses) / len(step_losses))
                 accelerator.log({"train_loss": losses[-1]}, step=global_step)
                 step_losses = []
@@ -1525,7 +1650,8 @@ def main(args: argparse.Namespace) -> dict:
         adapter_step = global_step
         if args.keep_best_heldout and heldout.kept_tensors is not None:
             # The live adapter of this (main) process becomes the best one: training is over.
-            copy_adapter_tensors(heldout.kept_tensors, trained, ADAPTER_NAME)
+            kept = restore_training_state(trained, ADAPTER_NAME, heldout.kept_tensors)
+            copy_adapter_tensors(kept, trained, ADAPTER_NAME)
             adapter_step = heldout.kept_step
             logger.info(
                 f"Keeping the adapter of step {adapter_step}, the lowest held-out loss "
@@ -1537,6 +1663,12 @@ def main(args: argparse.Namespace) -> dict:
         logger.info(f"Saved the adapter to {adapter_path}")
         pipeline = load_pipeline(args, accelerator.device, weight_dtype)
         plugin.load_adapter(adapter_path, {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+        file_difference = saved_file_difference(
+            {name: accelerator.unwrap_model(model) for name, model in trained.items()}, pipeline, args
+        )
+        logger.info(
+            f"The saved file reproduces the trained model to {file_difference:.2e} (largest output difference)"
+        )
 
         def before_after(images: list[Image.Image], prompts: str | list[str]) -> tuple[float, float]:
             """The denoising loss of the base model and of the saved adapter: same images, timesteps, noise."""
@@ -1627,6 +1759,7 @@ def main(args: argparse.Namespace) -> dict:
             "best_step": heldout.best_step(),
             "adapter_step": adapter_step,
             "max_abs_diff_between_ranks": rank_difference,
+            "saved_vs_trained_max_abs_diff": file_difference,
             "losses": [round(x, 6) for x in losses],
         }
         write_atomically(Path(args.output_dir, "metrics.json"), json.dumps(metrics, indent=1))

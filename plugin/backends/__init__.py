@@ -5,6 +5,7 @@ import inspect
 from .base import Backend, tensorly
 from .blockdiag import BlockDiag
 from .blocklowrank import BlockLowRank
+from .continued import Continued, frozen_part, principal_start, trained_part
 from .cp import CP
 from .hadamard import Hadamard
 from .lowrank import LowRank
@@ -33,6 +34,7 @@ def backend_owning(tensor_name: str) -> type[Backend] | None:
 __all__ = [
     "BACKEND_CLASSES",
     "CP",
+    "Continued",
     "Backend",
     "BlockDiag",
     "BlockLowRank",
@@ -42,5 +44,8 @@ __all__ = [
     "Tucker",
     "accepted_options",
     "backend_owning",
+    "frozen_part",
+    "principal_start",
     "tensorly",
+    "trained_part",
 ]

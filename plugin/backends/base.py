@@ -5,7 +5,9 @@ A backend is a small `nn.Module` whose parameter names are exactly FORMAT.md's t
 file is rebuilt by `from_tensors` without any backend-specific code. A backend must define its
 tensors (`__init__`, `tensor_names`, `expected_shapes`) and `delta`; everything else is optional
 speed: `factors` (D as one matrix product, which lets the layer build `W'` in place), and a
-`bypass` that runs an additive update on the activations without materialising `D`.
+`bypass` that runs an additive update on the activations without materialising `D`. Training
+procedures use three more optional hooks: `combine` (a sum of updates as one backend: ReLoRA's
+restarts, PiSSA's start), `init_principal` (PiSSA) and `expansion_factors` (MPC).
 """
 
 from __future__ import annotations
@@ -89,6 +91,28 @@ class Backend(nn.Module):
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         raise NotImplementedError
 
+    # --- training procedures (optional) ---------------------------------------------------------
+
+    @classmethod
+    def combine(cls, parts: list[tuple[Backend, float]]) -> Backend:
+        """`sum_k w_k D_k` of same-kind `parts` `(backend, w_k)` as one backend of this kind, with fresh
+        tensors (FORMAT.md: a sum of lowrank updates is a lowrank update of the summed rank...)."""
+        raise NotImplementedError(f"a sum of {cls.name} updates is not one {cls.name} update")
+
+    def init_principal(self, weight: torch.Tensor, scale: float) -> bool:
+        """Start at `weight`'s principal part (PiSSA): `scale * D` becomes the best approximation of
+        `W` this backend's ranks allow. Returns whether `D` is no longer 0."""
+        raise NotImplementedError(f"the {self.name} backend has no principal (PiSSA) start")
+
+    def expansion_factors(self) -> list[torch.Tensor]:
+        """The trained factors that expand the rank space to the weight's modes, each `(..., d, r)`
+        (MPC's constraints act on them); none for backends without such factors."""
+        return []
+
+    def plain(self) -> Backend:
+        """This update as one backend of FORMAT.md's table (what a file holds)."""
+        return self
+
     # --- files ----------------------------------------------------------------------------------
 
     @classmethod
@@ -122,6 +146,23 @@ def loaded(tensor: torch.Tensor) -> nn.Parameter:
     # A fresh float32 copy: tensors read from a file can sit at unaligned addresses, where
     # MKL's matmul rounds differently and a reloaded adapter would not match bit for bit.
     return nn.Parameter(tensor.to(torch.float32, copy=True))
+
+
+def principal_triplets(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """The top-`rank` singular triplets `(U, S, Vh)` of a float32 matrix. Large matrices use a randomised
+    SVD (Halko et al., `torch.svd_lowrank`, drawn from torch's global generator), so starting every layer
+    of an SD 1.5 UNet at its principal part takes seconds; small ones an exact SVD."""
+    matrix = matrix.detach().float()
+    if min(matrix.shape) <= 4 * (rank + 8):
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    u, s, v = torch.svd_lowrank(matrix, q=rank + 8, niter=4)
+    return u[:, :rank], s[:rank], v[:, :rank].T
+
+
+def from_parts(cls: type[Backend], parts: list[tuple[Backend, float]], tensors: dict) -> Backend:
+    """A `cls` backend holding `tensors` (detached), shaped like `parts`' weight: `combine`'s result."""
+    return cls.from_tensors(parts[0][0].shape, {name: t.detach() for name, t in tensors.items()})
 
 
 def factor_list(sizes: list[tuple[int, int]]) -> nn.ParameterList:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CONV, Backend, channel_blocks
+from .base import CONV, Backend, channel_blocks, from_parts
 
 
 class BlockDiag(Backend):
@@ -47,6 +47,10 @@ class BlockDiag(Backend):
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         return out_positions * self.blockdiag_blocks.numel()
+
+    @classmethod
+    def combine(cls, parts):
+        return from_parts(cls, parts, {"blockdiag_blocks": sum(w * b.blockdiag_blocks for b, w in parts)})
 
     @classmethod
     def summary(cls, shapes):

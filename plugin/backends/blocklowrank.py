@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Rank, matrix_rank
-from .base import Backend, channel_blocks
+from .base import Backend, channel_blocks, from_parts
 
 
 class BlockLowRank(Backend):
@@ -54,6 +54,17 @@ class BlockLowRank(Backend):
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         return out_positions * (self.block_up.numel() + self.block_down.numel())
+
+    @classmethod
+    def combine(cls, parts):
+        # Each block's LoRA concatenates its factors, as `lowrank` does.
+        up = torch.cat([w * b.block_up for b, w in parts], -1)
+        return from_parts(
+            cls, parts, {"block_up": up, "block_down": torch.cat([b.block_down for b, _ in parts], 2)}
+        )
+
+    def expansion_factors(self):
+        return [self.block_up, self.block_down.mT]
 
     @classmethod
     def summary(cls, shapes):

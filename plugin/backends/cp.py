@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Rank, matrix_rank
-from .base import Backend, factor_list, tensorly
+from .base import Backend, factor_list, from_parts, tensorly
 
 
 class CP(Backend):
@@ -35,6 +35,17 @@ class CP(Backend):
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.cp_weights.shape[0] * len(self.shape)
+
+    @classmethod
+    def combine(cls, parts):
+        # A sum of CP updates is one CP update with all their components.
+        tensors = {"cp_weights": torch.cat([w * b.cp_weights for b, w in parts])}
+        for i in range(len(parts[0][0].shape)):
+            tensors[f"cp_factor.{i}"] = torch.cat([b.cp_factor[i] for b, _ in parts], 1)
+        return from_parts(cls, parts, tensors)
+
+    def expansion_factors(self):
+        return list(self.cp_factor)
 
     @classmethod
     def summary(cls, shapes):

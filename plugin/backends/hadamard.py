@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Rank, matrix_rank
-from .base import Backend, fan_in
+from .base import Backend, fan_in, principal_triplets
 
 INITS = ("loha", "abba")
 
@@ -45,11 +45,23 @@ class Hadamard(Backend):
         else:
             if weight is None:
                 raise ValueError("hadamard: ABBA's initialisation needs the layer's weight")
-            u, s, vh = torch.linalg.svd(weight.detach().float().reshape(rows, cols), full_matrices=False)
-            root = s[:r].sqrt()
-            self.hada_w1_a.data.copy_(u[:, :r] * root)
-            self.hada_w1_b.data.copy_(root[:, None] * vh[:r])
-            nn.init.kaiming_uniform_(self.hada_w2_b, a=math.sqrt(5))
+            self.init_principal(weight, 1.0)
+
+    @torch.no_grad()
+    def init_principal(self, weight, scale):
+        # ABBA's start: the first pair is W's top-r singular triplets (U √S, √S Vᵀ); the second pair
+        # Kaiming down, zero up, so D stays 0 and no residual is needed.
+        r = self.hada_w1_a.shape[1]
+        u, s, vh = principal_triplets(weight.reshape(self.shape[0], -1), r)
+        root = s.sqrt()
+        self.hada_w1_a.copy_(u * root)
+        self.hada_w1_b.copy_(root[:, None] * vh)
+        self.hada_w2_a.zero_()
+        nn.init.kaiming_uniform_(self.hada_w2_b, a=math.sqrt(5))
+        return False
+
+    def expansion_factors(self):
+        return [self.hada_w1_a, self.hada_w1_b.T, self.hada_w2_a, self.hada_w2_b.T]
 
     def delta(self, coefficient: float | torch.Tensor = 1.0) -> torch.Tensor:
         first = (coefficient * self.hada_w1_a) @ self.hada_w1_b

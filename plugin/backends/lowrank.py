@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Rank, matrix_rank
-from .base import CONV, Backend, fan_in
+from .base import CONV, Backend, fan_in, from_parts, principal_triplets
 
 
 class LowRank(Backend):
@@ -44,6 +44,27 @@ class LowRank(Backend):
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         (r, width), out = self.lora_down.shape, self.shape[0]
         return out_positions * r * (width + out)
+
+    @classmethod
+    def combine(cls, parts):
+        # Concatenated factors: [w_1 up_1, w_2 up_2, ...] @ [down_1; down_2; ...].
+        up = torch.cat([w * b.lora_up for b, w in parts], 1)
+        return from_parts(
+            cls, parts, {"lora_up": up, "lora_down": torch.cat([b.lora_down for b, _ in parts])}
+        )
+
+    @torch.no_grad()
+    def init_principal(self, weight, scale):
+        # PiSSA: s · up @ down = U_r S_r V_rᵀ, split evenly as U √(S/s) and √(S/s) Vᵀ.
+        rank = self.lora_down.shape[0]
+        u, s, vh = principal_triplets(weight.reshape(self.shape[0], -1), rank)
+        root = (s / scale).sqrt()
+        self.lora_up.copy_(u * root)
+        self.lora_down.copy_(root[:, None] * vh)
+        return True
+
+    def expansion_factors(self):
+        return [self.lora_up, self.lora_down.T]
 
     @classmethod
     def summary(cls, shapes):

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Backend
+from .base import Backend, from_parts
 
 VECTORS = ("both", "row", "col")
 
@@ -46,6 +46,11 @@ class RowCol(Backend):
 
     def delta_flops(self) -> int:
         return 2 * math.prod(self.shape)
+
+    @classmethod
+    def combine(cls, parts):
+        names = [name for name in ("row", "col") if hasattr(parts[0][0], name)]
+        return from_parts(cls, parts, {n: sum(w * getattr(b, n) for b, w in parts) for n in names})
 
     @classmethod
     def summary(cls, shapes):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Rank, mode_ranks
-from .base import CONV, Backend, factor_list, tensorly
+from .base import CONV, Backend, factor_list, from_parts, principal_triplets, tensorly
 
 
 def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -75,6 +75,48 @@ class Tucker(Backend):
         return in_positions * self.shape[1] * r_in + out_positions * (
             r_in * r_out * kernel + r_out * self.shape[0]
         )
+
+    @classmethod
+    def combine(cls, parts):
+        # A block-diagonal core over concatenated factors. A mode whose summed rank exceeds its size
+        # (a 3x3 kernel's modes after two restarts) has its factor multiplied into the core instead,
+        # with the identity as factor: exact, and the core stops growing along it.
+        ranks = [sum(b.tucker_core.shape[i] for b, _ in parts) for i in range(len(parts[0][0].shape))]
+        core = parts[0][0].tucker_core.new_zeros(ranks)
+        start = [0] * len(ranks)
+        for backend, w in parts:
+            block = tuple(slice(o, o + r) for o, r in zip(start, backend.tucker_core.shape))
+            core[block] = w * backend.tucker_core
+            start = [o + r for o, r in zip(start, backend.tucker_core.shape)]
+        factors = [torch.cat([b.tucker_factor[i] for b, _ in parts], 1) for i in range(len(ranks))]
+        for mode, factor in enumerate(factors):
+            if factor.shape[1] > factor.shape[0]:
+                core = tensorly(tl.tenalg.mode_dot, core, factor, mode)
+                factors[mode] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        tensors = {"tucker_core": core, **{f"tucker_factor.{i}": f for i, f in enumerate(factors)}}
+        return from_parts(cls, parts, tensors)
+
+    @torch.no_grad()
+    def init_principal(self, weight, scale):
+        # HOSVD, PiSSA's analogue for a Tucker update: each factor spans the principal subspace of its
+        # mode (the top left singular vectors of the mode's unfolding; all of a mode kept whole), and
+        # the core is W projected on them, over s. TensorLy's `tucker(n_iter_max=0)` computes the same
+        # but takes seconds per large conv (a randomised SVD even of the 3-row kernel unfoldings).
+        weight = weight.detach().float()
+        for mode, factor in enumerate(self.tucker_factor):
+            size, rank = factor.shape
+            if rank == size:
+                factor.copy_(torch.eye(size, device=factor.device))
+            else:
+                unfolded = weight.movedim(mode, 0).reshape(size, -1)
+                factor.copy_(principal_triplets(unfolded, rank)[0])
+        factors = list(self.tucker_factor)
+        core = tensorly(tl.tenalg.multi_mode_dot, weight, factors, None, None, True)
+        self.tucker_core.copy_(core / scale)
+        return True
+
+    def expansion_factors(self):
+        return list(self.tucker_factor)
 
     @classmethod
     def summary(cls, shapes):
