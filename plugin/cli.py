@@ -209,8 +209,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
     source = resolve_adapter_path(args.file)
-    if args.rank is not None and args.rank < 1:
-        raise SystemExit(f"export: --rank must be a positive integer, got {args.rank}")
+    if args.rank == "auto":  # as many per module as it takes to keep --keep of the update
+        args.rank, args.energy = None, 0.99 if args.energy is None else args.energy
+    elif args.rank is not None:
+        if not args.rank.isdigit() or int(args.rank) < 1:
+            raise SystemExit(f"export: --rank must be a positive integer or auto, got {args.rank}")
+        args.rank = int(args.rank)
     out = Path(args.out) if args.out else None
     if out is not None and out.resolve() == source.resolve():
         raise SystemExit(f"export: --out {out} is the adapter itself; pick another file")
@@ -227,11 +231,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             rank = export.own_rank(models, name)
             if rank is None:
                 raise SystemExit(
-                    "export: this adapter is not a LoRA exactly (it needs an SVD): give --rank R, --energy E, or both"
+                    "export: this adapter is not a LoRA exactly (it needs an SVD): give --rank R, --rank auto "
+                    "--keep SHARE, or both"
                 )
         state, report = export.lora_state_dict(models, name, rank, args.energy, dtype)
     elif layout == "loha":
         state, report = export.loha_state_dict(models, name, dtype)
+    elif layout == "locon":
+        state, report = export.locon_state_dict(models, name, dtype)
     else:
         state, report = export.dora_state_dict(models, name, dtype)
     out = out or source.with_name(f"{_stem(source)}_{layout}.safetensors")
@@ -245,7 +252,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     exact = all(m.exact_factors or m.rank == 0 for m in report)
     verdict = "exact (the adapter's own tensors)" if exact else "lossy (truncated SVD)"
     print(
-        f"{layout} export, {verdict}: relative error of W' - W mean {total['mean_relative_error']:.2e}, "
+        f"{layout} export, {verdict}: it keeps {100 * total['share_kept']:.2f}% of the update "
+        f"(of sum ||W' - W||^2); relative error of W' - W mean {total['mean_relative_error']:.2e}, "
         f"max {total['max_relative_error']:.2e} ({args.dtype})"
     )
     print(f"wrote {out} ({export.lora_parameter_count(state):,} parameters, {args.dtype})")
@@ -349,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("file", help="the liera/1 or liera/2 adapter file (or run folder)")
     export.add_argument(
         "--format",
-        choices=("auto", "lora", "loha", "dora"),
+        choices=("auto", "lora", "loha", "dora", "locon"),
         default="auto",
         help="auto: the layout that holds the adapter exactly (LyCORIS LoHa keys for additive hadamard, "
-        "diffusers/PEFT DoRA keys for dora + lowrank), else a kohya LoRA",
+        "diffusers/PEFT DoRA keys for dora + lowrank), else a kohya LoRA; locon: LyCORIS LoCon with "
+        "its Tucker convs, exact and compact for flora (ComfyUI and LyCORIS read it, diffusers does not)",
     )
     export.add_argument("--base", help="the base pipeline (folder or hub id); default: the file's base_model")
     export.add_argument(
@@ -360,11 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--rank",
-        type=int,
-        help="LoRA: keep at most this rank per module (default: the adapter's own, if exact)",
+        help="LoRA: keep at most this rank per module (default: the adapter's own, if exact); auto: "
+        "per module, the fewest ranks that keep --keep of the update",
     )
     export.add_argument(
-        "--energy", type=float, help="keep the fewest ranks holding this share of sum(sigma^2)"
+        "--keep",
+        "--energy",
+        dest="energy",
+        type=float,
+        help="keep the fewest ranks holding this share of sum(sigma^2) (with --rank auto: 0.99)",
     )
     export.add_argument(
         "--dtype", choices=DTYPES, default="fp16", help="dtype of the LoRA tensors (default fp16)"

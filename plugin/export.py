@@ -18,10 +18,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import tensorly as tl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .backends import tensorly
 from .inject import adapted_layers, list_adapters
 from .layer import AdaptedLayer, Adapter
 
@@ -44,6 +47,7 @@ class ModuleExport:
     rank: int
     error: float
     exact_factors: bool  # written from the adapter's own factors, no SVD
+    delta_norm: float = 0.0  # Frobenius norm of W' - W, to weigh the module in the share kept
 
 
 def effective_delta(layer: AdaptedLayer, adapter: Adapter) -> torch.Tensor:
@@ -54,13 +58,8 @@ def effective_delta(layer: AdaptedLayer, adapter: Adapter) -> torch.Tensor:
 def choose_rank(singular_values: torch.Tensor, rank: int | None, energy: float | None) -> int:
     """The rank to keep: `rank`, or the fewest singular values holding `energy` of the squared sum
     (capped by `rank` when both are given)."""
-    limit = len(singular_values) if rank is None else min(rank, len(singular_values))
-    if energy is None:
-        return limit
     squared = singular_values.double() ** 2
-    kept = torch.cumsum(squared, 0) / squared.sum()
-    needed = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
-    return max(1, min(needed, limit))
+    return choose_rank_of_share(torch.cumsum(squared, 0) / squared.sum(), rank, energy)
 
 
 def lora_factors(
@@ -79,12 +78,67 @@ def lora_factors(
             return own
     else:
         own_rank, own = None, None
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    k = choose_rank(s, rank, energy)
-    if own is not None and k >= own_rank:
+    up, down = truncated_svd(delta, rank, energy)
+    if own is not None and down.shape[0] >= own_rank:
         return own
-    root = s[:k].sqrt()
-    return u[:, :k] * root, root[:, None] * vh[:k], False
+    return up, down, False
+
+
+def truncated_svd(
+    matrix: torch.Tensor, rank: int | None, energy: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(up, down)`, `up @ down` the best approximation of `matrix` of the rank `rank` and `energy` ask
+    for (`choose_rank`; the energy share is of the whole `||matrix||²`).
+
+    A full SVD of every module takes minutes on a CPU. A randomised SVD (`torch.svd_lowrank`, seeded,
+    two power iterations) finds the top directions in a few products with the matrix; for an energy
+    threshold it widens until the share is reached. Where the width nears the matrix's shorter
+    side, the eigenvectors of the Gram matrix of that side give all directions at once instead. Either
+    way `up @ down` is the projection of `matrix` onto the kept directions.
+    """
+    short = min(matrix.shape)
+    total = matrix.double().square().sum()
+    width = rank if energy is None else min(rank or 32, 32)
+    devices = [matrix.device] if matrix.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        while 2 * (width + 8) < short:
+            u, s, v = torch.svd_lowrank(matrix, q=width + 8, niter=2)
+            kept = torch.cumsum(s.double() ** 2, 0) / total
+            if energy is None or kept[-1] >= energy or (rank is not None and width >= rank):
+                k = choose_rank_of_share(kept, rank, energy)
+                root = s[:k].sqrt()
+                return u[:, :k] * root, root[:, None] * v[:, :k].T
+            # Wider: at least twice, and as wide as the share so far says the threshold needs (a flat
+            # spectrum then goes to the Gram matrix at once).
+            width = max(2 * width, math.ceil(1.2 * width * energy / float(kept[-1])))
+    return _gram_svd(matrix, rank, energy, total)
+
+
+def choose_rank_of_share(kept: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    """The fewest leading directions whose cumulative share `kept` reaches `energy` (all of them if none
+    does), capped by `rank`."""
+    limit = len(kept) if rank is None else min(rank, len(kept))
+    if energy is None:
+        return limit
+    needed = int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
+    return max(1, min(needed, limit))
+
+
+def _gram_svd(
+    matrix: torch.Tensor, rank: int | None, energy: float | None, total: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All directions from the eigenvectors of the Gram matrix of the shorter side (its eigenvalues are
+    the squared singular values; those below ~1e-4 of the largest are lost, which no kept share needs)."""
+    tall = matrix.shape[0] > matrix.shape[1]
+    wide = matrix.T if tall else matrix  # (short, long)
+    eigenvalues, vectors = torch.linalg.eigh((wide @ wide.T).double())
+    singular = eigenvalues.flip(0).clamp_min(0).sqrt()
+    k = choose_rank_of_share(torch.cumsum(singular**2, 0) / total, rank, energy)
+    basis = vectors.flip(1)[:, :k].to(matrix.dtype)  # (short, k), orthonormal
+    root = singular[:k].clamp_min(singular[0] * 1e-12).sqrt().to(matrix.dtype)
+    left, right = basis * root, (basis.T @ wide) / root[:, None]  # left @ right = U Uᵀ M
+    return (right.T, left.T) if tall else (left, right)
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -165,21 +219,26 @@ def lora_state_dict(
             up, down = (up * (k / alpha)).to(dtype).contiguous(), down.to(dtype).contiguous()
             delta = effective_delta(layer, layer.adapters[adapter_name]).reshape(shape[0], -1)
             stored = (alpha / k) * (up.float() @ down.float())
-            error = float(torch.linalg.norm(delta - stored) / torch.linalg.norm(delta))
+            norm = float(torch.linalg.norm(delta))
+            error = float(torch.linalg.norm(delta - stored)) / norm
             state[f"{key}.lora_down.weight"] = down.reshape(k, *shape[1:]).cpu()
             state[f"{key}.lora_up.weight"] = up.reshape(shape[0], k, *[1] * len(shape[2:])).cpu()
             state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-            report.append(ModuleExport(key, shape, k, error, exact))
+            report.append(ModuleExport(key, shape, k, error, exact, norm))
     return state, report
 
 
 def summary(report: list[ModuleExport]) -> dict:
     errors = [m.error for m in report if m.rank > 0]
+    total = sum(m.delta_norm**2 for m in report)
+    lost = sum((m.error * m.delta_norm) ** 2 for m in report)
     return {
         "modules": len(errors),
         "zero_modules": len(report) - len(errors),
         "max_relative_error": max(errors, default=0.0),
         "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
+        # Of the whole update (all modules' ||W' - W||^2 together), the share the file holds.
+        "share_kept": 1 - lost / total if total else 1.0,
         "ranks": sorted({m.rank for m in report if m.rank > 0}),
     }
 
@@ -224,6 +283,15 @@ def lora_parameter_count(state: dict[str, torch.Tensor]) -> int:
     return sum(math.prod(t.shape) for k, t in state.items() if not k.endswith(".alpha"))
 
 
+def exact_export(
+    key: str, shape: tuple, rank: int, expected: torch.Tensor, stored: torch.Tensor
+) -> ModuleExport:
+    """The report of a module written from the adapter's own tensors (its error: the dtype's rounding)."""
+    return ModuleExport(
+        key, shape, rank, relative_error(expected, stored), True, float(torch.linalg.norm(expected))
+    )
+
+
 def _require(layer: AdaptedLayer, adapter: Adapter, where: str, composition: str, backend: str, layout: str):
     if (adapter.composition.name, adapter.backend.name) != (composition, backend):
         raise ValueError(
@@ -260,8 +328,58 @@ def loha_state_dict(
             )
             expected = effective_delta(layer, adapter).reshape(stored.shape)
             shape = tuple(layer.base_layer.weight.shape)
-            report.append(ModuleExport(key, shape, r, relative_error(expected, stored), True))
+            report.append(exact_export(key, shape, r, expected, stored))
     return state, report
+
+
+def locon_state_dict(
+    models: Mapping[str, nn.Module], adapter_name: str, dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
+    """LyCORIS LoCon keys of an additive tucker adapter (FLoRA), exact: a conv's Tucker update is LoCon
+    with its Tucker option, `lora_up` `(out, r, 1, 1)`, `lora_mid` `(r, r, kh, kw)`, `lora_down`
+    `(r, in, 1, 1)`, which LyCORIS rebuilds as `mid ×_0 up ×_1 downᵀ · alpha / r`; a Linear's is a LoRA.
+    (also a 1x1 conv's, which LoCon gives no mid). Our kernel factors are multiplied into the core
+    (LoCon keeps the kernel whole), and the two channel ranks are padded with zeros to one `r` (LoCon's
+    mid is square). `alpha = r`, `s` goes into `up`."""
+    prefixes = kohya_prefixes(models)
+    state, report = {}, []
+    with torch.no_grad():
+        for component, path, layer in adapted_modules(models, adapter_name, "LoCon", prefixes):
+            adapter = layer.adapters[adapter_name]
+            _require(layer, adapter, f"{component}.{path}", "additive", "tucker", "LoCon")
+            key, backend = kohya_name(prefixes[component], path), adapter.backend.plain()
+            shape = tuple(layer.base_layer.weight.shape)
+            out_factor, in_factor, *kernel_factors = (f.detach().float() for f in backend.tucker_factor)
+            core = backend.tucker_core.detach().float()
+            if kernel_factors:
+                modes = list(range(2, core.ndim))
+                core = tensorly(tl.tenalg.multi_mode_dot, core, kernel_factors, modes)
+            r = max(core.shape[:2])
+            pad_out, pad_in = r - core.shape[0], r - core.shape[1]
+            mid = F.pad(core, [0, 0] * len(shape[2:]) + [0, pad_in, 0, pad_out])
+            up = F.pad(adapter.scale * out_factor, [0, pad_out])
+            down = F.pad(in_factor, [0, pad_in]).T
+            ones = [1] * len(shape[2:])
+            if any(size != 1 for size in shape[2:]):
+                tensors = {"lora_up": up.reshape(shape[0], r, *ones), "lora_mid": mid}
+            else:  # a Linear or a 1x1 conv (LoCon has no mid there): up @ core is the LoRA's up
+                tensors = {"lora_up": (up @ mid.reshape(r, r)).reshape(shape[0], r, *ones)}
+            tensors["lora_down"] = down.reshape(r, shape[1], *ones)
+            tensors = {name: t.to("cpu", dtype).contiguous() for name, t in tensors.items()}
+            state.update({f"{key}.{name}.weight": t for name, t in tensors.items()})
+            state[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
+            stored = locon_delta({name: t.float() for name, t in tensors.items()})
+            expected = effective_delta(layer, adapter).reshape(stored.shape)
+            report.append(exact_export(key, shape, r, expected, stored))
+    return state, report
+
+
+def locon_delta(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The update LyCORIS rebuilds from one LoCon module's tensors (alpha = r)."""
+    up, down = tensors["lora_up"].flatten(1), tensors["lora_down"].flatten(1)
+    if "lora_mid" not in tensors:
+        return up @ down
+    return torch.einsum("ij...,pi,jq->pq...", tensors["lora_mid"], up, down)
 
 
 def dora_state_dict(
@@ -291,7 +409,7 @@ def dora_state_dict(
             direction = weight + up.float() @ down.float()
             stored = magnitude.float()[:, None] / direction.norm(dim=1, keepdim=True) * direction - weight
             expected = effective_delta(layer, adapter).reshape(stored.shape)
-            report.append(ModuleExport(key, shape, r, relative_error(expected, stored), True))
+            report.append(exact_export(key, shape, r, expected, stored))
     return state, report
 
 

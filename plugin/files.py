@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .backends import BACKEND_CLASSES, backend_owning
+from .backends import BACKEND_CLASSES, backend_owning, frozen_part
 from .compositions import COMPOSITION_CLASSES, all_finite, composition_from
 from .config import AdapterConfig
 from .inject import (
@@ -123,6 +123,38 @@ def resolve_adapter_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def locate_adapter(
+    source: str | os.PathLike, weight_name: str | None = None, subfolder: str | None = None, **hub_kwargs
+) -> Path:
+    """Where `load_lora_weights` would look: a file; a folder (`weight_name`, default
+    `adapter.safetensors`, in `subfolder`); else a Hugging Face repo id, fetched by `huggingface_hub`
+    (from its cache when offline; `hub_kwargs`: `revision`, `cache_dir`, `local_files_only`, `token`)."""
+    folder = Path(source, subfolder) if subfolder else Path(source)
+    if folder.is_file() and weight_name is None:
+        return folder
+    if folder.is_dir():
+        path = folder / (weight_name or ADAPTER_FILENAME)
+        if not path.is_file():
+            found = sorted(p.name for p in folder.glob("*.safetensors"))
+            raise FileNotFoundError(
+                f"no {path.name} in {folder} (its .safetensors files: {found}); pass weight_name="
+            )
+        return path
+    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        filename = weight_name or ADAPTER_FILENAME
+        try:
+            return Path(hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+            raise FileNotFoundError(
+                f"no adapter {filename} for {source!r}: not a local file or folder, and the Hugging Face Hub "
+                f"(or its cache, offline) has none ({type(error).__name__})"
+            ) from error
+    raise FileNotFoundError(f"no adapter file at {folder}")
+
+
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata of a `.safetensors` file (never unpickles anything)."""
     path = resolve_adapter_path(path)
@@ -150,13 +182,9 @@ def load_adapter(
     weight = check_weight(weight)
     if adapter_name is not None:
         check_adapter_name(adapter_name)
-    if isinstance(source, tuple):
-        (tensors, metadata), where = source, "<state dict>"
-        adapter_name = adapter_name or "default"
-    else:
-        where = str(resolve_adapter_path(source))
-        tensors, metadata = read_adapter_file(where)
-        adapter_name = adapter_name or Path(where).stem.replace(".", "_")  # module names can't hold dots
+    tensors, metadata, where = _read_source(source)
+    if adapter_name is None:  # a file's stem (module names can't hold dots)
+        adapter_name = "default" if isinstance(source, tuple) else Path(where).stem.replace(".", "_")
     plan, config = plan_load(tensors, metadata, models, where)
     check_adapted_weights(plan, models, weight, where)
     for component, model in models.items():
@@ -165,6 +193,87 @@ def load_adapter(
     for component, adapters in plan.items():
         attach(models[component], adapter_name, config, adapters, weight)
     return adapter_name
+
+
+def hotswap_adapter(
+    source: str | os.PathLike | tuple[dict[str, torch.Tensor], dict[str, str]],
+    models: Mapping[str, nn.Module],
+    adapter_name: str,
+) -> str:
+    """Replace the tensors of the loaded adapter `adapter_name` with a file's, in place (diffusers'
+    `hotswap=True`): no layer is re-wrapped and no parameter replaced, so a compiled model keeps its
+    graphs. The file must have the same modules, composition, backends and shapes; everything is
+    checked before the first tensor is copied."""
+    tensors, metadata, where = _read_source(source)
+    plan, config = plan_load(tensors, metadata, models, where)
+    check_adapted_weights(plan, models, 1.0, where)
+    live = {component: _adapters_named(model, adapter_name) for component, model in models.items()}
+    if not any(live.values()):
+        raise AdapterFileError(
+            f"{where}: hotswap needs a loaded adapter named {adapter_name!r}; load it first"
+        )
+    for component in sorted(set(live) | set(plan)):
+        ours, theirs = set(live.get(component, {})), set(plan.get(component, {}))
+        if ours != theirs:
+            differ = sorted(ours ^ theirs)[:3]
+            raise AdapterFileError(
+                f"{where}: hotswap needs the same modules as {adapter_name!r}; {component} differs at {differ}"
+            )
+    pairs = []
+    for component, adapters in plan.items():
+        layers = adapted_layers(models[component])
+        for path, new in adapters.items():
+            old, prefix = live[component][path], f"{component}.{path}"
+            if frozen_part(old.backend) is not None:
+                raise AdapterFileError(
+                    f"{where}: {prefix} is being trained on a frozen part; hotswap a loaded adapter"
+                )
+            if layers[path].fused.get(adapter_name) is not None:
+                raise AdapterFileError(
+                    f"{where}: {adapter_name!r} is fused into {prefix}; unfuse it before a hotswap"
+                )
+            if (
+                type(old.backend) is not type(new.backend)
+                or old.composition.metadata() != new.composition.metadata()
+            ):
+                raise AdapterFileError(
+                    f"{where}: {prefix} is {new.composition.name} + {new.backend.name} in the file, "
+                    f"{old.composition.name} + {old.backend.name} in the loaded adapter"
+                )
+            olds, news = old.tensors(), new.tensors()
+            for name in sorted(set(olds) | set(news)):
+                if name not in olds or name not in news or olds[name].shape != news[name].shape:
+                    got = tuple(news[name].shape) if name in news else "missing"
+                    want = tuple(olds[name].shape) if name in olds else "no such tensor"
+                    raise AdapterFileError(
+                        f"{where}: key {prefix}.{name} has shape {got}, the loaded adapter {want}"
+                    )
+                pairs.append((olds[name], news[name]))
+    with torch.no_grad():
+        for old, new in pairs:
+            old.copy_(new)
+    for model in models.values():
+        if adapter_name in adapter_configs(model):
+            adapter_configs(model)[adapter_name] = config
+    return adapter_name
+
+
+def _adapters_named(model: nn.Module, adapter_name: str) -> dict[str, Adapter]:
+    return {
+        path: layer.adapters[adapter_name]
+        for path, layer in adapted_layers(model).items()
+        if adapter_name in layer.adapters
+    }
+
+
+def _read_source(
+    source: str | os.PathLike | tuple[dict[str, torch.Tensor], dict[str, str]],
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    if isinstance(source, tuple):
+        tensors, metadata = source
+        return tensors, metadata, "<state dict>"
+    where = str(resolve_adapter_path(source))
+    return *read_adapter_file(where), where
 
 
 def plan_load(

@@ -59,12 +59,21 @@ class LieraLoaderMixin:
         adapter_name: str | None = None,
         weight: float = 1.0,
         metadata: dict[str, str] | None = None,
+        hotswap: bool = False,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        **hub_kwargs,
     ) -> str:
         """Load a `liera/1` or `liera/2` adapter into every component its file names and make it the only active one.
 
-        The source is a file, a training run's directory (`adapter.safetensors`), `(tensors, metadata)`
-        as `read_adapter_file` returns, or a state dict with `metadata=`. Everything is validated
-        against all components first: on `AdapterFileError` the pipeline is unchanged. Returns the name.
+        The source is what `load_lora_weights` takes: a file; a folder (a training run's, or any with
+        `weight_name`, in `subfolder`); a Hugging Face repo id (`weight_name`, default
+        `adapter.safetensors`; `revision`, `cache_dir`, `local_files_only`, `token`; read from the local
+        cache when offline); `(tensors, metadata)` as `read_adapter_file` returns; or a state dict with
+        `metadata=`. `hotswap=True` puts the file's tensors into the loaded adapter `adapter_name` in
+        place (same modules and shapes), re-wrapping nothing: what a compiled model needs. Everything
+        is validated against all components first: on `AdapterFileError` the pipeline is unchanged.
+        Returns the name.
         """
         source = path_or_dir_or_state_dict
         if isinstance(source, Mapping):
@@ -73,7 +82,13 @@ class LieraLoaderMixin:
                     "a state dict needs its file header too: pass metadata= (see plugin.read_adapter_file)"
                 )
             source = (dict(source), metadata)
+        elif not isinstance(source, tuple):
+            source = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
         models = self.liera_models()
+        if hotswap:
+            if adapter_name is None:
+                raise ValueError("hotswap=True replaces a loaded adapter: name it with adapter_name=")
+            return files.hotswap_adapter(source, models, adapter_name)
         name = files.load_adapter(source, models, adapter_name=adapter_name, weight=weight)
         # Like diffusers: the new adapter is the active one, in every component, not just its own.
         for model in models.values():

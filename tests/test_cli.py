@@ -89,13 +89,15 @@ def lycoris_load(unet, state):
     return network
 
 
-@pytest.mark.parametrize("method, layout", [("loha", "loha"), ("dora", "dora")])
+@pytest.mark.parametrize("method, layout", [("loha", "loha"), ("dora", "dora"), ("flora", "locon")])
 def test_exact_exports_load_in_the_tools_that_read_them(tmp_path, base_dir, capsys, method, layout):
-    """LoHa keys through LyCORIS' loader; DoRA keys through diffusers' `load_lora_weights`."""
-    components = ("unet",) if layout == "loha" else ("unet", "text_encoder")
+    """LoHa and LoCon-with-Tucker keys through LyCORIS' loader; DoRA keys through diffusers'
+    `load_lora_weights`."""
+    components = ("unet",) if layout in ("loha", "locon") else ("unet", "text_encoder")
     maker = tiny.sd(tmp_path)
     path = tiny.adapter_file(tmp_path / f"{method}.safetensors", maker, method, components=components)
-    assert main(["export", str(path), "--base", str(base_dir), "--dtype", "fp32"]) == 0
+    chosen = ["--format", "locon"] if layout == "locon" else []  # auto picks a LoRA diffusers reads
+    assert main(["export", str(path), "--base", str(base_dir), "--dtype", "fp32", *chosen]) == 0
     assert f"{layout} export, exact" in capsys.readouterr().out
     out = tmp_path / f"{method}_{layout}.safetensors"
     ours = LieraStableDiffusionPipeline.from_pretrained(base_dir)
@@ -104,9 +106,14 @@ def test_exact_exports_load_in_the_tools_that_read_them(tmp_path, base_dir, caps
     reference = StableDiffusionPipeline.from_pretrained(base_dir)
     reference.set_progress_bar_config(disable=True)
     base = tiny.generate(reference)
-    if layout == "loha":
-        network = lycoris_load(reference.unet, load_file(out))
-        assert network.algo_table == {"LohaModule": len(network.loras)} and len(network.loras) > 10
+    if layout in ("loha", "locon"):
+        state = load_file(out)
+        network = lycoris_load(reference.unet, state)
+        algo = "LohaModule" if layout == "loha" else "LoConModule"
+        assert network.algo_table == {algo: len(network.loras)} and len(network.loras) > 10
+        if layout == "locon":  # the convs keep their Tucker form: a mid, and 1x1 up and down
+            mids = [key for key in state if key.endswith("lora_mid.weight")]
+            assert mids and all(state[key.replace("lora_mid", "lora_up")].shape[2:] == (1, 1) for key in mids)
     else:
         reference.load_lora_weights(str(out))
     expected = tiny.generate(ours)
@@ -120,7 +127,30 @@ def test_lossy_exports_say_so(tmp_path, base_dir, capsys):
         main(["export", str(path), "--base", str(base_dir)])
     assert main(["export", str(path), "--base", str(base_dir), "--rank", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "lora export, lossy (truncated SVD): relative error of W' - W mean" in printed
+    assert (
+        "lora export, lossy (truncated SVD): it keeps" in printed
+        and "relative error of W' - W mean" in printed
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(path),
+                "--base",
+                str(base_dir),
+                "--rank",
+                "auto",
+                "--out",
+                str(tmp_path / "auto.safetensors"),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    kept = float(printed.split("it keeps ")[1].split("%")[0])
+    assert 99.0 <= kept < 100.0, printed  # the fewest ranks holding 99% of each module's update
+    info = describe(tmp_path / "auto.safetensors")["export"]
+    assert len(info["ranks"]) > 1 and info["share_kept"] == pytest.approx(kept / 100, abs=1e-4)
     with pytest.raises(ValueError, match="a LoHa holds additive \\+ hadamard adapters exactly"):
         main(["export", str(path), "--base", str(base_dir), "--format", "loha"])
 

@@ -358,3 +358,74 @@ def test_diffusers_lora_method_names_act_on_ours_and_theirs(tmp_path, pipe, file
             assert torch.equal(param, weights[name]), name
         else:  # PEFT's own unmerge subtracts its delta again: float rounding
             torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6)
+
+
+def hub_cache(cache: Path, repo_id: str, files_by_name: dict[str, Path]) -> Path:
+    """A Hugging Face cache holding `repo_id` at one revision, as `huggingface_hub` lays it out."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files_by_name.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+    return cache
+
+
+def test_load_adapter_takes_what_load_lora_weights_takes(tmp_path, files):
+    """A file, a folder with weight_name (and subfolder), a repo id from the offline hub cache, a
+    state dict: the same adapter, the same images."""
+    reference = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    reference.load_adapter(files["liera"], adapter_name="x")
+    expected = tiny.generate(reference)
+    folder = tmp_path / "shared" / "loras"
+    folder.mkdir(parents=True)
+    (folder / "subject.safetensors").write_bytes(files["liera"].read_bytes())
+    cache = hub_cache(
+        tmp_path / "hub", "someone/subject-liera", {"adapters/subject.safetensors": files["liera"]}
+    )
+    sources = [
+        ((folder,), {"weight_name": "subject.safetensors"}),
+        ((tmp_path / "shared",), {"subfolder": "loras", "weight_name": "subject.safetensors"}),
+        (
+            ("someone/subject-liera",),
+            {"weight_name": "subject.safetensors", "subfolder": "adapters", "cache_dir": cache},
+        ),
+        ((plugin.read_adapter_file(files["liera"]),), {}),
+    ]
+    for args, kwargs in sources:
+        pipe = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+        assert pipe.load_adapter(*args, adapter_name="x", **kwargs) == "x"
+        assert torch.equal(tiny.generate(pipe), expected), kwargs
+    pipe = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    with pytest.raises(FileNotFoundError, match=r"no adapter\.safetensors in .*loras.*subject\.safetensors"):
+        pipe.load_adapter(folder)
+    with pytest.raises(FileNotFoundError, match="'someone/other'.*cache"):
+        pipe.load_adapter("someone/other", cache_dir=cache)
+    assert pipe.get_list_adapters() == {}
+
+
+def test_hotswap_replaces_an_adapters_tensors_in_place(tmp_path, pipe):
+    maker = tiny.sd(tmp_path / "maker")
+    first, second = (tiny.adapter_file(tmp_path / f"{s}.safetensors", maker, "liera", seed=s) for s in (3, 9))
+    pipe.load_adapter(first, adapter_name="subject")
+    modules = dict(pipe.unet.named_modules())
+    params = {name: p for name, p in pipe.unet.named_parameters()}
+    pipe.load_adapter(second, adapter_name="subject", hotswap=True)
+    # Nothing re-wrapped, no parameter replaced: a compiled graph still points at the same tensors.
+    assert all(modules[name] is module for name, module in pipe.unet.named_modules())
+    assert all(params[name] is p for name, p in pipe.unet.named_parameters())
+    fresh = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    fresh.load_adapter(second, adapter_name="subject")
+    assert torch.equal(tiny.generate(pipe), tiny.generate(fresh))
+
+    other = tiny.adapter_file(tmp_path / "flora.safetensors", maker, "flora", seed=4)
+    before = weights_of(pipe)
+    with pytest.raises(
+        AdapterFileError, match="additive \\+ tucker in the file, lie \\+ lowrank in the loaded"
+    ):
+        pipe.load_adapter(other, adapter_name="subject", hotswap=True)
+    with pytest.raises(AdapterFileError, match="needs a loaded adapter named 'style'"):
+        pipe.load_adapter(second, adapter_name="style", hotswap=True)
+    assert same_weights(pipe, before)
