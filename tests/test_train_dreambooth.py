@@ -570,3 +570,42 @@ def test_procedures_are_refused_where_they_cannot_keep_the_file_plain(tiny, scri
     assert "--relora_steps must be a positive integer" in refusal(
         script, capsys, [*args, "--relora_steps", "0"]
     )
+
+
+def test_arguments_carried_over_from_diffusers_script_work(tiny, script, capsys):
+    """--pre_compute_text_embeddings (same adapter as encoding every step), --validation_epochs,
+    --cache_dir, --push_to_hub (offline: the Hub layout, and how to upload it later)."""
+    reference = reference_run(tiny, "lora")
+    output_dir = tiny["root"] / "carried-over"
+    output = run(
+        train_args(
+            tiny,
+            output_dir,
+            "lora",
+            "--pre_compute_text_embeddings",
+            "--validation_epochs",
+            "1",
+            "--num_validation_images",
+            "1",
+            "--validation_inference_steps",
+            "2",
+            "--cache_dir",
+            str(tiny["root"] / "hf-cache"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "someone/tiny-subject",
+        )  # fmt: skip
+    )
+    assert_same_adapter(output_dir, reference)
+    # 3 images, batch 2: two batches an epoch, so 4 steps end the second epoch (the final grid, not an epoch one).
+    assert [p.name for p in (output_dir / "validation").glob("epoch-*.png")] == ["epoch-0001.png"]
+    assert (
+        "offline (HF_HUB_OFFLINE), nothing uploaded" in output and "hf upload someone/tiny-subject" in output
+    )
+    card = (output_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- lora" in card
+
+    args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    assert "add --no-train_text_encoder" in refusal(script, capsys, [*args, "--pre_compute_text_embeddings"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes is not installed" in refusal(script, capsys, [*args, "--use_8bit_adam"])

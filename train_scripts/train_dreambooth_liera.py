@@ -123,6 +123,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     model.add_argument(
+        "--cache_dir", type=str, default=None, help="Where downloaded models are cached (huggingface_hub's)."
+    )
+    model.add_argument(
         "--instance_data_dir",
         type=str,
         default=None,
@@ -293,6 +296,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
     train.add_argument(
+        "--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)."
+    )
+    train.add_argument(
+        "--pre_compute_text_embeddings",
+        action="store_true",
+        help="Encode the prompts once before training instead of every step (the text encoder is not "
+        "trained: needs --no-train_text_encoder).",
+    )
+    train.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="After training, upload --output_dir (adapter, model card, validation images; no checkpoints) "
+        "to the Hugging Face Hub as --hub_model_id. Offline it only says how to upload it later.",
+    )
+    train.add_argument("--hub_model_id", type=str, default=None, help="Default: --output_dir's name.")
+    train.add_argument("--hub_token", type=str, default=None, help="Default: huggingface_hub's login.")
+    train.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
     train.add_argument(
@@ -343,6 +363,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=250,
         help="Validate (grids, and the held-out loss if there are held-out images) every X steps.",
+    )
+    validation.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="Also make a validation grid every X epochs (validation/epoch-<n>.png), as diffusers' script does.",
     )
     validation.add_argument(
         "--keep_best_heldout",
@@ -595,6 +621,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     _check_base_model(parser, args.pretrained_model_name_or_path)
     check_output_dir(parser, args)
 
+    if args.validation_epochs is not None:
+        _positive(parser, args, "validation_epochs")
+    if args.use_8bit_adam and not _installed("bitsandbytes"):
+        parser.error("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        parser.error(
+            "--pre_compute_text_embeddings encodes the prompts once, so the text encoder can't train: add "
+            "--no-train_text_encoder"
+        )
     if args.enable_xformers_memory_efficient_attention and not _installed("xformers"):
         parser.error(
             "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)"
@@ -878,6 +913,8 @@ from diffusers import (  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 from diffusers.utils import make_image_grid  # noqa: E402
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder  # noqa: E402
+from huggingface_hub import constants as hub_constants  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
@@ -929,7 +966,11 @@ def load_pipeline(
     """The base pipeline with some `components` replaced (the models being trained); the others
     are moved to `device` and `dtype`, which leaves the given ones (and their float32 adapters) alone."""
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **components
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+        **components,
     )
     for name, module in pipeline.components.items():
         if name not in components and isinstance(module, torch.nn.Module):
@@ -1173,10 +1214,15 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     metrics = {
         k: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
     }
+    # The Hub's card metadata, written by huggingface_hub (the YAML header the Hub's pages read).
+    data = ModelCardData(
+        base_model=base,
+        library_name="diffusers",
+        tags=["text-to-image", "diffusers", "dreambooth", "liera", args.adapter],
+        instance_prompt=args.instance_prompt,
+    )
     card = f"""---
-base_model: {base}
-instance_prompt: {args.instance_prompt}
-tags: [text-to-image, diffusers, dreambooth, {args.adapter}]
+{data.to_yaml()}
 ---
 
 # {args.adapter} DreamBooth adapter for {base}
@@ -1212,7 +1258,31 @@ Training loss (mean of {metrics["loss_window"]} steps): {metrics["loss_start"]} 
             "with the adapter (right), same seeds:\n\n"
             "![before and after](validation/before_after.png)\n"
         )
-    write_atomically(Path(args.output_dir, "README.md"), card)
+    write_atomically(Path(args.output_dir, "README.md"), str(ModelCard(card)))
+
+
+def push_to_hub(args: argparse.Namespace) -> str | None:
+    """Upload --output_dir as a Hub model repo: the adapter, its card, the validation grids and metrics
+    (no checkpoints, no class images). Offline, upload nothing and say how to do it later."""
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    excluded = ["checkpoint-*", "class_images", DRIFT_FOLDER, args.logging_dir, ".*"]
+    if hub_constants.HF_HUB_OFFLINE:
+        patterns = " ".join(f'--exclude "{p}/*"' for p in excluded[:-1])
+        logger.warning(
+            f"--push_to_hub: offline (HF_HUB_OFFLINE), nothing uploaded. {args.output_dir} is laid out for the "
+            f"Hub; upload it later with: hf upload {repo_id} {args.output_dir} {patterns}"
+        )
+        return None
+    repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        ignore_patterns=[f"{p}/*" for p in excluded] + excluded,
+        token=args.hub_token,
+        commit_message=f"{args.adapter} DreamBooth adapter",
+    )
+    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
+    return repo_id
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -1240,9 +1310,10 @@ def main(args: argparse.Namespace) -> dict:
 
     # A hub model is checked for SDXL here, from its config, before any weights are loaded.
     base = args.pretrained_model_name_or_path
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=args.revision)
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
     try:
-        model_index = StableDiffusionPipeline.load_config(base, revision=args.revision)
+        model_index = StableDiffusionPipeline.load_config(base, **hub)
     except OSError:
         model_index = {}
     reason = sdxl_reason(model_index, unet_config)
@@ -1265,15 +1336,11 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
 
     # Load the base model; only the adapters will train.
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    text_encoder = CLIPTextModel.from_pretrained(
-        base, subfolder="text_encoder", revision=args.revision, variant=args.variant
-    )
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=args.revision, variant=args.variant)
-    unet = UNet2DConditionModel.from_pretrained(
-        base, subfolder="unet", revision=args.revision, variant=args.variant
-    )
+    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor
     multiple = vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -1363,7 +1430,13 @@ def main(args: argparse.Namespace) -> dict:
             args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
         )
     params_to_optimize = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(
         params_to_optimize,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -1385,6 +1458,18 @@ def main(args: argparse.Namespace) -> dict:
         tokenizer_max_length=args.tokenizer_max_length,
         instance_prompts=args.instance_prompts,
     )
+    prompt_embeddings = None
+    if args.pre_compute_text_embeddings:
+        # Every prompt a batch can hold (the instance prompts or captions, the class prompt), encoded
+        # once by the frozen text encoder, by its token ids.
+        ids = [train_dataset.instance_prompt_ids]
+        if train_dataset.class_prompt_ids is not None:
+            ids.append(train_dataset.class_prompt_ids)
+        ids = torch.cat(ids)
+        with torch.no_grad():
+            hidden = text_encoder(ids.to(accelerator.device))[0]
+        prompt_embeddings = {tuple(row): h for row, h in zip(ids.tolist(), hidden)}
+
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=args.train_batch_size,
@@ -1546,7 +1631,11 @@ def main(args: argparse.Namespace) -> dict:
                     0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator
                 ).to(latents.device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                if prompt_embeddings is None:
+                    encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                else:
+                    rows = batch["input_ids"].tolist()
+                    encoder_hidden_states = torch.stack([prompt_embeddings[tuple(row)] for row in rows])
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                 target = prediction_target(noise_scheduler, latents, noise, timesteps)
 
@@ -1622,6 +1711,14 @@ def main(args: argparse.Namespace) -> dict:
             progress_bar.set_postfix(**logs)
             if global_step >= args.max_train_steps:
                 break
+        epoch_validation = args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
+        if (
+            validation
+            and epoch_validation
+            and global_step < args.max_train_steps
+            and accelerator.is_main_process
+        ):
+            log_validation(training_pipeline(), args, accelerator, f"epoch-{epoch + 1:04d}", global_step)
     progress_bar.close()
     train_seconds = time.time() - loop_start
 
@@ -1764,6 +1861,8 @@ def main(args: argparse.Namespace) -> dict:
         }
         write_atomically(Path(args.output_dir, "metrics.json"), json.dumps(metrics, indent=1))
         write_model_card(args, metrics)
+        if args.push_to_hub:
+            push_to_hub(args)
         logger.info(
             f"Done in {metrics['wall_time_s']} s: loss {metrics['loss_start']} -> {metrics['loss_end']} "
             f"(means of {window} steps); outputs in {args.output_dir}"
