@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .backends import Backend, trained_part
+from .compat import conv, conv_backward, tensor_version
 from .compositions import Composition, Term, all_finite, compose
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -133,7 +134,8 @@ class AdaptedLayer(nn.Module):
     def _can_recompute_weight(self) -> bool:
         layer = self.base_layer
         frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
-        return frozen and getattr(layer, "padding_mode", "zeros") == "zeros"
+        numeric_padding = not isinstance(getattr(layer, "padding", 0), str)  # not "same"/"valid"
+        return frozen and getattr(layer, "padding_mode", "zeros") == "zeros" and numeric_padding
 
     def _cached_adapted_weight(self, adapters: list[tuple[Adapter, float]]) -> torch.Tensor:
         """Inference runs many denoising steps with the same adapters: rebuild `W'` only when a
@@ -142,7 +144,7 @@ class AdaptedLayer(nn.Module):
         tensors = [self.base_layer.weight, *(p for a, _ in adapters for p in a.parameters())]
         key = (
             tuple((id(a), m) for a, m in adapters),
-            tuple((id(t), t._version) for t in tensors),
+            tuple((id(t), tensor_version(t)) for t in tensors),
             tuple(self.fused.items()),
         )
         if self._weight_cache is None or self._weight_cache[0] != key:
@@ -154,7 +156,7 @@ class AdaptedLayer(nn.Module):
         layer = self.base_layer
         if isinstance(layer, nn.Linear):
             return nn.functional.linear(x, weight, layer.bias)
-        return layer._conv_forward(x, weight, layer.bias)
+        return conv(layer, x, weight, layer.bias)
 
     def _bias_for(self, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The bias shaped to broadcast over `out`: output channels are last for a Linear, before
@@ -308,10 +310,7 @@ class _RecomputedWeight(torch.autograd.Function):
                 grad_x = (grad @ weight_op) if ctx.needs_input_grad[2] else None
                 grad_weight = grad_2d.T @ x_op.reshape(-1, x.shape[-1])
             else:
-                grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                    grad, x_op, weight_op, None, layer.stride, layer.padding, layer.dilation, False,
-                    [0] * (x.ndim - 2), layer.groups, [ctx.needs_input_grad[2], True, False],
-                )  # fmt: skip
+                grad_x, grad_weight = conv_backward(layer, x_op, weight_op, grad, ctx.needs_input_grad[2])
             del weight_op
             grad_weight = grad_weight.to(weight.dtype)
         if not in_place:

@@ -14,33 +14,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from tensorly.backend import BackendManager
 from torch import nn
 
-CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def tensorly(fn: Callable, *args):
-    """Run a TensorLy function on torch tensors, leaving the user's backend setting as it was.
-
-    `tl.backend_context` restores the previous backend *globally* and pins it on this thread, which
-    can undo another thread's `tl.set_backend`. So set it for this thread only and put this thread's
-    own setting back exactly (TensorLy keeps it in `BackendManager._THREAD_LOCAL_DATA`).
-    """
-    local = BackendManager._THREAD_LOCAL_DATA.__dict__
-    had_local, previous = "backend" in local, local.get("backend")
-    BackendManager.set_backend("pytorch", local_threadsafe=True)
-    try:
-        return fn(*args)
-    finally:
-        if had_local:
-            local["backend"] = previous
-        else:
-            local.pop("backend", None)
+from ..compat import CONV, tensorly  # noqa: F401 (the backends' shared imports)
 
 
 class Backend(nn.Module):

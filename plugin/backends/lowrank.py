@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import conv
 from ..config import Rank, matrix_rank
 from .base import CONV, Backend, fan_in, from_parts, principal_triplets
 
@@ -38,7 +39,7 @@ class LowRank(Backend):
         if isinstance(layer, nn.Linear):
             return F.linear(F.linear(x, self.lora_down), self.lora_up)
         r = self.lora_down.shape[0]
-        hidden = layer._conv_forward(x, self.lora_down.reshape(r, *self.shape[1:]), None)
+        hidden = conv(layer, x, self.lora_down.reshape(r, *self.shape[1:]), None)
         return CONV[x.ndim - 2](hidden, self.lora_up.reshape(*self.lora_up.shape, *[1] * (x.ndim - 2)))
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:

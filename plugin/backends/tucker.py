@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import conv
 from ..config import Rank, mode_ranks
 from .base import CONV, Backend, factor_list, from_parts, principal_triplets, tensorly
 
@@ -62,12 +63,12 @@ class Tucker(Backend):
         if isinstance(layer, nn.Linear):
             return F.linear(F.linear(F.linear(x, in_factor.T), self.tucker_core), out_factor)
         ones = [1] * (x.ndim - 2)
-        conv = CONV[x.ndim - 2]
+        pointwise = CONV[x.ndim - 2]
         modes = list(range(2, len(self.shape)))
         kernel = tensorly(tl.tenalg.multi_mode_dot, self.tucker_core, list(kernel_factors), modes)
-        hidden = conv(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
-        hidden = layer._conv_forward(hidden, kernel, None)
-        return conv(hidden, out_factor.reshape(*out_factor.shape, *ones))
+        hidden = pointwise(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
+        hidden = conv(layer, hidden, kernel, None)
+        return pointwise(hidden, out_factor.reshape(*out_factor.shape, *ones))
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         r_out, r_in = self.tucker_core.shape[:2]

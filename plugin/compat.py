@@ -1,0 +1,76 @@
+"""Everything this package needs from torch and TensorLy beyond their documented APIs, in one place.
+
+Two things have no public API: a tensor's version counter (to know that an adapter tensor was edited
+in place) and TensorLy's per-thread backend slot (to run TensorLy on torch without changing the
+backend a user chose). `tests/test_compat.py` checks both, so a torch or TensorLy upgrade that changes
+them fails there, by name, instead of somewhere deep in a forward pass. The convolution helpers are
+public API (`torch.nn.functional`, `torch.nn.grad`), kept here so that a layer's padding rules live in
+one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tensorly.backend import BackendManager
+from torch import nn
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_INPUT_GRAD = {
+    1: torch.nn.grad.conv1d_input,
+    2: torch.nn.grad.conv2d_input,
+    3: torch.nn.grad.conv3d_input,
+}
+CONV_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """How many times `tensor` was modified in place (torch's private `_version` counter)."""
+    return tensor._version
+
+
+def tensorly(fn: Callable, *args):
+    """Run a TensorLy function on torch tensors, leaving the user's backend setting as it was.
+
+    `tl.backend_context` restores the previous backend *globally* and pins it on this thread, which
+    can undo another thread's `tl.set_backend`. So set it for this thread only and put this thread's
+    own setting back exactly (TensorLy keeps it in its private `BackendManager._THREAD_LOCAL_DATA`).
+    """
+    local = BackendManager._THREAD_LOCAL_DATA.__dict__
+    had_local, previous = "backend" in local, local.get("backend")
+    BackendManager.set_backend("pytorch", local_threadsafe=True)
+    try:
+        return fn(*args)
+    finally:
+        if had_local:
+            local["backend"] = previous
+        else:
+            local.pop("backend", None)
+
+
+def conv(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`layer`'s convolution (its stride, padding and padding mode, dilation, groups) with another
+    weight and bias: what `ConvNd._conv_forward` does, through the public functional API."""
+    dims = weight.ndim - 2
+    if layer.padding_mode == "zeros":
+        return CONV[dims](x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    pad = [p for size in reversed(layer.padding) for p in (size, size)]
+    x = F.pad(x, pad, mode=layer.padding_mode)
+    return CONV[dims](x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+
+
+def conv_backward(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, input_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The gradients of `conv(layer, x, weight, None)` for the input (if `input_grad`) and the weight,
+    given the output's gradient, for a zero-padded conv with numeric padding."""
+    dims = weight.ndim - 2
+    where = (layer.stride, layer.padding, layer.dilation, layer.groups)
+    grad_x = CONV_INPUT_GRAD[dims](x.shape, weight, grad, *where) if input_grad else None
+    return grad_x, CONV_WEIGHT_GRAD[dims](x, weight.shape, grad, *where)
