@@ -9,6 +9,7 @@ from .export import save_lora
 from .files import (
     FORMAT_VERSION,
     AdapterFileError,
+    hotswap_adapter,
     load_adapter,
     read_adapter_file,
     save_adapter,
@@ -67,6 +68,7 @@ __all__ = [
     "export_lora",
     "fuse_adapters",
     "list_adapters",
+    "hotswap_adapter",
     "load_adapter",
     "read_adapter_file",
     "save_adapter",

@@ -35,6 +35,12 @@ def tensor_version(tensor: torch.Tensor) -> int:
     return tensor._version
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The model inside `torch.compile`'s wrapper (its private `_orig_mod`), else `model`: adapters are
+    found, added and saved on the model itself, so module paths and file keys never gain `_orig_mod.`."""
+    return getattr(model, "_orig_mod", model)
+
+
 def tensorly(fn: Callable, *args):
     """Run a TensorLy function on torch tensors, leaving the user's backend setting as it was.
 

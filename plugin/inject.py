@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .backends import BACKEND_CLASSES, Backend, accepted_options, principal_start
+from .compat import uncompiled
 from .compositions import composition_from
 from .config import AdapterConfig, name_matches
 from .layer import ADAPTABLE, AdaptedLayer, Adapter
@@ -22,13 +23,14 @@ FROZEN_ATTR = "liera_frozen"  # model attribute: {parameter name: requires_grad}
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    model = uncompiled(model)
     return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLayer)}
 
 
 def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear/ConvNd by its path, an already adapted one as its `AdaptedLayer`."""
     found = {}
-    for name, module in model.named_modules():
+    for name, module in uncompiled(model).named_modules():
         if (
             isinstance(module, AdaptedLayer)
             or isinstance(module, ADAPTABLE)
@@ -39,6 +41,7 @@ def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    model = uncompiled(model)
     if not hasattr(model, CONFIGS_ATTR):
         setattr(model, CONFIGS_ATTR, {})
     return getattr(model, CONFIGS_ATTR)
@@ -132,6 +135,7 @@ def attach(
 
 def _freeze_base(model: nn.Module) -> None:
     """Freeze every parameter but the adapters', remembering what was trainable for `unload_adapters`."""
+    model = uncompiled(model)
     adapter_params = {id(p) for layer in adapted_layers(model).values() for p in layer.adapters.parameters()}
     frozen = getattr(model, FROZEN_ATTR, None)
     if frozen is None:
@@ -145,6 +149,7 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
+    model = uncompiled(model)
     module = model.get_submodule(name)
     if isinstance(module, AdaptedLayer):
         return module
@@ -154,6 +159,7 @@ def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    model = uncompiled(model)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -251,6 +257,7 @@ def unload_adapters(model: nn.Module) -> None:
     for path, layer in adapted_layers(model).items():
         _replace(model, path, layer.base_layer)
     adapter_configs(model).clear()
+    model = uncompiled(model)
     frozen = getattr(model, FROZEN_ATTR, None) or {}
     for name, param in model.named_parameters():
         if name in frozen:

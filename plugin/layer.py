@@ -118,7 +118,9 @@ class AdaptedLayer(nn.Module):
         if torch.is_grad_enabled():
             self._weight_cache = None
             params = [p for adapter, _ in adapters for p in adapter.parameters() if p.requires_grad]
-            if params and self._can_recompute_weight():
+            # Under torch.compile the compiler decides what backward keeps (its partitioner recomputes
+            # cheap tensors such as W' too), and the hand-written backward would not trace.
+            if params and self._can_recompute_weight() and not torch.compiler.is_compiling():
                 return _RecomputedWeight.apply(self, adapters, x, *params)
             return self._forward_with_weight(x, self.adapted_weight(adapters))
         return self._forward_with_weight(x, self._cached_adapted_weight(adapters))

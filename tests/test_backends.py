@@ -230,3 +230,18 @@ def test_block_counts_clip_to_a_common_divisor():
     assert BlockLowRank((320, 640), rank=8, blocks=2).block_up.shape == (2, 2, 160, 4)
     with pytest.raises(ValueError, match="blocks must be a positive integer"):
         BlockDiag((8, 8), blocks=0)
+
+
+def test_mode_dot_and_khatri_rao_are_tensorlys():
+    """Plain-torch copies of TensorLy's products (the rebuilds must compile without graph breaks)."""
+    from plugin.backends.base import khatri_rao, mode_dot
+    from plugin.compat import tensorly
+
+    torch.manual_seed(0)
+    tensor = torch.randn(4, 5, 3, 2)
+    for mode, size in enumerate(tensor.shape):
+        matrix = torch.randn(7, size)
+        expected = tensorly(tl.tenalg.mode_dot, tensor, matrix, mode)
+        torch.testing.assert_close(mode_dot(tensor, matrix, mode), expected)
+    matrices = [torch.randn(n, 6) for n in (3, 4, 2)]
+    torch.testing.assert_close(khatri_rao(matrices), tensorly(tl.tenalg.khatri_rao, matrices))

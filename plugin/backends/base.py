@@ -126,6 +126,22 @@ def loaded(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.to(torch.float32, copy=True))
 
 
+def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """TensorLy's `mode_dot`, the n-mode product `tensor ×_mode matrix`, in plain torch: the rebuilds
+    run every step, and TensorLy's backend dispatch is not traceable by `torch.compile` (graph breaks).
+    `tests/test_backends.py` holds it equal to TensorLy's."""
+    return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [1])), -1, mode)
+
+
+def khatri_rao(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """TensorLy's `khatri_rao` (column-wise Kronecker product, first matrix slowest) in plain torch,
+    for the same reason as `mode_dot`."""
+    result = matrices[0]
+    for matrix in matrices[1:]:
+        result = (result[:, None, :] * matrix[None, :, :]).reshape(-1, result.shape[1])
+    return result
+
+
 def principal_triplets(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     """The top-`rank` singular triplets `(U, S, Vh)` of a float32 matrix. Large matrices use a randomised
     SVD (Halko et al., `torch.svd_lowrank`, drawn from torch's global generator), so starting every layer

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-import tensorly as tl
 import torch
 from torch import nn
 
 from ..config import Rank, matrix_rank
-from .base import Backend, factor_list, from_parts, tensorly
+from .base import Backend, factor_list, from_parts, khatri_rao
 
 
 class CP(Backend):
@@ -30,7 +29,7 @@ class CP(Backend):
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         # TensorLy's `cp_to_tensor`, stopped before its last product and fold.
         first, *rest = self.cp_factor
-        right = tensorly(tl.tenalg.khatri_rao, list(rest)) if len(rest) > 1 else rest[0]
+        right = khatri_rao(list(rest))
         return first * (coefficient * self.cp_weights), right.T
 
     def delta_flops(self) -> int:

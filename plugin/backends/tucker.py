@@ -11,11 +11,12 @@ from torch import nn
 
 from ..compat import conv
 from ..config import Rank, mode_ranks
-from .base import CONV, Backend, factor_list, from_parts, principal_triplets, tensorly
+from .base import CONV, Backend, factor_list, from_parts, mode_dot, principal_triplets, tensorly
 
 
 def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """TensorLy's `tucker_to_tensor` without mode 0, multiplying the modes in reverse order.
+    """TensorLy's `tucker_to_tensor` without mode 0, multiplying the modes in reverse order (in plain
+    torch, `mode_dot`).
 
     `tucker_to_tensor` expands mode 0 (out channels) first, so the kernel modes are then multiplied
     into an almost full-size tensor, unfolded and copied each time. Expanding the small kernel modes
@@ -23,7 +24,7 @@ def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> tor
     """
     result = core
     for mode in reversed(range(1, core.ndim)):
-        result = tl.tenalg.mode_dot(result, factors[mode], mode)
+        result = mode_dot(result, factors[mode], mode)
     return result
 
 
@@ -42,7 +43,7 @@ class Tucker(Backend):
             nn.init.orthogonal_(factor)
 
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        core = tensorly(_tucker_kernel_modes, coefficient * self.tucker_core, list(self.tucker_factor))
+        core = _tucker_kernel_modes(coefficient * self.tucker_core, list(self.tucker_factor))
         return self.tucker_factor[0], core.reshape(core.shape[0], -1)
 
     def delta_flops(self) -> int:
@@ -64,8 +65,9 @@ class Tucker(Backend):
             return F.linear(F.linear(F.linear(x, in_factor.T), self.tucker_core), out_factor)
         ones = [1] * (x.ndim - 2)
         pointwise = CONV[x.ndim - 2]
-        modes = list(range(2, len(self.shape)))
-        kernel = tensorly(tl.tenalg.multi_mode_dot, self.tucker_core, list(kernel_factors), modes)
+        kernel = self.tucker_core
+        for mode, factor in enumerate(kernel_factors, start=2):
+            kernel = mode_dot(kernel, factor, mode)
         hidden = pointwise(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
         hidden = conv(layer, hidden, kernel, None)
         return pointwise(hidden, out_factor.reshape(*out_factor.shape, *ones))
