@@ -23,21 +23,35 @@ FROZEN_ATTR = "liera_frozen"  # model attribute: {parameter name: requires_grad}
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
-    model = uncompiled(model)
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdaptedLayer)}
+    return {path: layer for path, layer in adaptable_layers(model).items() if isinstance(layer, AdaptedLayer)}
 
 
 def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear/ConvNd by its path, an already adapted one as its `AdaptedLayer`."""
+    """Every Linear/ConvNd by the path a file names it with, an already adapted one as its
+    `AdaptedLayer`. A layer that diffusers' own LoRA (a PEFT layer) wraps is found under the PEFT
+    layer's path, and neither wrapper's internals (PEFT's `lora_A`, our `base_layer`) count."""
     found = {}
-    for name, module in uncompiled(model).named_modules():
-        if (
-            isinstance(module, AdaptedLayer)
-            or isinstance(module, ADAPTABLE)
-            and not name.endswith("base_layer")
-        ):
-            found[name] = module
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if is_peft_layer(child):
+                child = child.base_layer
+            if isinstance(child, (AdaptedLayer, *ADAPTABLE)):
+                found[path] = child
+            elif not is_peft_layer(module):
+                visit(child, f"{path}.")
+
+    visit(uncompiled(model), "")
     return found
+
+
+def is_peft_layer(module: nn.Module) -> bool:
+    """A layer of diffusers' own LoRAs: PEFT's tuner layer, which wraps the layer it adapts as
+    `base_layer` (our adapters then go around that layer, inside PEFT's)."""
+    return type(module).__module__.startswith("peft.") and isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    )
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
@@ -151,6 +165,8 @@ def _freeze_base(model: nn.Module) -> None:
 def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
     model = uncompiled(model)
     module = model.get_submodule(name)
+    if is_peft_layer(module):
+        module = module.base_layer
     if isinstance(module, AdaptedLayer):
         return module
     layer = AdaptedLayer(module)
@@ -159,7 +175,12 @@ def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the layer path `name` (inside diffusers' LoRA layer, if one wraps it there)."""
     model = uncompiled(model)
+    current = model.get_submodule(name)
+    if is_peft_layer(current):
+        current.base_layer = new
+        return
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 

@@ -190,6 +190,7 @@ class LieraLoaderMixin:
             unknown = [n for n in adapter_names if n not in self._our_adapters()]
             if unknown:
                 raise ValueError(f"no adapter named {unknown}; the pipeline has {self._our_adapters()}")
+        self._check_peft_unmerged(components, "fuse")
         for model in self._selected(components).values():
             names = None
             if adapter_names is not None:
@@ -197,6 +198,7 @@ class LieraLoaderMixin:
             inject.fuse_adapters(model, scale=scale, adapter_names=names)
 
     def unfuse_adapters(self, components: list[str] | None = None) -> None:
+        self._check_peft_unmerged(components, "unfuse")
         for model in self._selected(components).values():
             inject.unfuse_adapters(model)
 
@@ -222,6 +224,21 @@ class LieraLoaderMixin:
                 delattr(model, _HOOKS_ATTR)
 
     # --- diffusers' LoRA names, acting on our adapters and on diffusers' own LoRAs alike -----------
+
+    def load_lora_weights(self, *args, **kwargs):
+        """diffusers' `load_lora_weights`. Where our adapters already wrap a layer, PEFT could not
+        recognise it: they step aside while diffusers wraps the plain layer, then go back inside its
+        LoRA layer, so that layer computes `W' x` (FORMAT.md) plus diffusers' LoRA term."""
+        parked = []
+        for model in self.liera_models().values():
+            for path, layer in inject.adapted_layers(model).items():
+                parked.append((model, path, layer))
+                inject._replace(model, path, layer.base_layer)
+        try:
+            return super().load_lora_weights(*args, **kwargs)
+        finally:
+            for model, path, layer in parked:
+                inject._replace(model, path, layer)
 
     def fuse_lora(
         self,
@@ -250,13 +267,14 @@ class LieraLoaderMixin:
             super().fuse_lora(components, lora_scale, safe_fusing, theirs, **kwargs)
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        """diffusers' LoRAs come out first (they were merged on top of ours), then ours: exact."""
         mine = [c for c in (components or self.liera_models()) if c in self.liera_models()]
-        self.unfuse_adapters(components=mine)
         if self._peft_adapters():
-            components = [
+            theirs = [
                 c for c in (components or self._lora_loadable_modules) if c in self._lora_loadable_modules
             ]
-            super().unfuse_lora(components, **kwargs)
+            super().unfuse_lora(theirs, **kwargs)
+        self.unfuse_adapters(components=mine)
 
     def unload_lora_weights(self, *args, **kwargs) -> None:
         """Unload our adapters and diffusers' LoRAs (what is fused stays in the weights, as in diffusers)."""
@@ -313,6 +331,23 @@ class LieraLoaderMixin:
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _check_peft_unmerged(self, components: list[str] | None, action: str) -> None:
+        """Ours fuse from (and unfuse to) the original `W`, so a diffusers LoRA merged on top of them
+        would be lost: refuse while one is merged around our layers (`fuse_lora`/`unfuse_lora` order
+        them: ours in first, out last)."""
+        found = []
+        for component, model in self._selected(components).items():
+            model = inject.uncompiled(model)
+            for path in inject.adapted_layers(model):
+                outer = model.get_submodule(path)
+                if inject.is_peft_layer(outer) and getattr(outer, "merged_adapters", None):
+                    found.append(f"{component}.{path}")
+        if found:
+            raise ValueError(
+                f"diffusers' LoRAs are fused around our adapters at {found[:3]}: cannot {action} ours alone; "
+                "use unfuse_lora() and fuse_lora(), which take both out and put both in, in order"
+            )
 
     def _our_adapters(self) -> list[str]:
         names = {}

@@ -429,3 +429,50 @@ def test_hotswap_replaces_an_adapters_tensors_in_place(tmp_path, pipe):
     with pytest.raises(AdapterFileError, match="needs a loaded adapter named 'style'"):
         pipe.load_adapter(second, adapter_name="style", hotswap=True)
     assert same_weights(pipe, before)
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_diffusers_loras_and_ours_on_the_same_layers_mix_in_either_order(tmp_path, files, ours_first):
+    """A diffusers LoRA and ours on the same attention layers: each layer computes our `W' x`
+    (FORMAT.md) plus diffusers' LoRA term, whichever was loaded first, and diffusers' method names
+    weigh, fuse, unfuse and unload both."""
+    kohya = kohya_lora_on_attention(tmp_path)
+    # The reference, from operations tested alone: ours fused into plain layers, then diffusers' LoRA on top.
+    reference = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    base = tiny.generate(reference)
+    reference.load_adapter(files["liera"], adapter_name="ours")
+    ours_only = tiny.generate(reference)
+    reference.fuse_adapters()
+    reference.unload_adapters()
+    reference.load_lora_weights(str(kohya), adapter_name="peft")
+    expected = tiny.generate(reference)
+
+    pipe = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    weights = weights_of(pipe)
+    loads = [lambda: pipe.load_adapter(files["liera"], adapter_name="ours"),
+             lambda: pipe.load_lora_weights(str(kohya), adapter_name="peft")]  # fmt: skip
+    for load in loads if ours_first else loads[::-1]:
+        load()
+    assert pipe.get_list_adapters() == {"unet": ["ours", "peft"], "text_encoder": ["ours", "peft"]}
+    to_q = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert type(to_q).__module__.startswith("peft.") and isinstance(to_q.base_layer, AdaptedLayer)
+    pipe.set_adapters(["ours", "peft"])
+    torch.testing.assert_close(tiny.generate(pipe), expected, atol=1e-4, rtol=0)
+    pipe.set_adapters(["ours"])
+    torch.testing.assert_close(tiny.generate(pipe), ours_only, atol=1e-5, rtol=0)
+    pipe.set_adapters(["ours", "peft"])
+
+    pipe.fuse_lora()
+    torch.testing.assert_close(tiny.generate(pipe), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="diffusers' LoRAs are fused around our adapters"):
+        pipe.unfuse_adapters()
+    pipe.unfuse_lora()
+    torch.testing.assert_close(tiny.generate(pipe), expected, atol=1e-4, rtol=0)
+    pipe.disable_lora()
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=0)
+    pipe.enable_lora()
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {}
+    for key, value in weights_of(pipe).items():  # PEFT's unmerge subtracts its delta: float rounding
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=0)
