@@ -162,6 +162,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"Run the workers with GLIBC_TUNABLES={GLIBC_TUNABLES}: glibc then keeps freed large blocks "
         "instead of unmapping them, so weight-sized temporaries are not page-faulted in again on every step.",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the adapted UNet and the base it is timed against (inductor; the warm-up steps "
+        "absorb the compilation). Compare with a run without it for compiled vs eager.",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before each measurement.")
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps.")
     parser.add_argument("--infer-steps", type=int, default=5, help="Timed inference steps per mode.")
@@ -446,9 +452,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     modules = contender.attach(unet, targets)
     params = contender.trainable(unet)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model = torch.compile(unet) if args.compile else unet  # the adapters live in `unet` either way
+    if args.compile:
+        reference = torch.compile(reference)
 
     def train_step() -> None:
-        prediction = unet(latents, timesteps, context, return_dict=False)[0]
+        prediction = model(latents, timesteps, context, return_dict=False)[0]
         torch.nn.functional.mse_loss(prediction, target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -476,12 +485,12 @@ def run_worker(args: argparse.Namespace) -> dict:
                     ours.append(t_model)
         return ours, base
 
-    unfused, base_unfused = alternate(unet)
+    unfused, base_unfused = alternate(model)
     with tempfile.TemporaryDirectory() as folder:
         path = contender.save(unet, Path(folder))
         file_mib = path.stat().st_size / 2**20
         contender.fuse(unet)
-        fused, base_fused = alternate(unet)
+        fused, base_fused = alternate(model)
         load_times = []
         for repeat in range(args.load_repeats):
             contender.unload(unet)
@@ -518,7 +527,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 # What a worker's numbers depend on: runs with other values are never mixed by --resume.
 MEASUREMENT_SETTINGS = (
     "config", "device", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
-    "infer_steps", "load_repeats",
+    "infer_steps", "load_repeats", "compile",
 )  # fmt: skip
 
 
