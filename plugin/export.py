@@ -300,19 +300,30 @@ def _require(layer: AdaptedLayer, adapter: Adapter, where: str, composition: str
         )
 
 
+def kohya_modules(
+    models: Mapping[str, nn.Module], adapter_name: str, layout: str, composition: str, backend: str
+) -> list[tuple[str, AdaptedLayer, Adapter]]:
+    """`(kohya key, layer, adapter)` of every module of an exact `layout` export, refusing any module
+    whose adapter is not `composition + backend`."""
+    prefixes = kohya_prefixes(models)
+    found = []
+    for component, path, layer in adapted_modules(models, adapter_name, layout, prefixes):
+        adapter = layer.adapters[adapter_name]
+        _require(layer, adapter, f"{component}.{path}", composition, backend, layout)
+        found.append((kohya_name(prefixes[component], path), layer, adapter))
+    return found
+
+
 def loha_state_dict(
     models: Mapping[str, nn.Module], adapter_name: str, dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
     """LyCORIS/kohya LoHa keys (`<kohya name>.hada_w1_a`, ..., `.alpha`) of an additive hadamard adapter:
     exact. LyCORIS rebuilds `(w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r` with `r = w1_b.shape[0]`, so
     `alpha = r` and the scale `s` goes into `w1_a`."""
-    prefixes = kohya_prefixes(models)
     state, report = {}, []
     with torch.no_grad():
-        for component, path, layer in adapted_modules(models, adapter_name, "LoHa", prefixes):
-            adapter = layer.adapters[adapter_name]
-            _require(layer, adapter, f"{component}.{path}", "additive", "hadamard", "LoHa")
-            key, backend = kohya_name(prefixes[component], path), adapter.backend
+        for key, layer, adapter in kohya_modules(models, adapter_name, "LoHa", "additive", "hadamard"):
+            backend = adapter.backend.plain()
             tensors = {
                 "hada_w1_a": adapter.scale * backend.hada_w1_a,
                 "hada_w1_b": backend.hada_w1_b,
@@ -337,17 +348,14 @@ def locon_state_dict(
 ) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
     """LyCORIS LoCon keys of an additive tucker adapter (FLoRA), exact: a conv's Tucker update is LoCon
     with its Tucker option, `lora_up` `(out, r, 1, 1)`, `lora_mid` `(r, r, kh, kw)`, `lora_down`
-    `(r, in, 1, 1)`, which LyCORIS rebuilds as `mid ×_0 up ×_1 downᵀ · alpha / r`; a Linear's is a LoRA.
-    (also a 1x1 conv's, which LoCon gives no mid). Our kernel factors are multiplied into the core
+    `(r, in, 1, 1)`, which LyCORIS rebuilds as `mid ×_0 up ×_1 downᵀ · alpha / r`; a Linear's (and a
+    1x1 conv's, which LoCon gives no mid) is a LoRA. Our kernel factors are multiplied into the core
     (LoCon keeps the kernel whole), and the two channel ranks are padded with zeros to one `r` (LoCon's
     mid is square). `alpha = r`, `s` goes into `up`."""
-    prefixes = kohya_prefixes(models)
     state, report = {}, []
     with torch.no_grad():
-        for component, path, layer in adapted_modules(models, adapter_name, "LoCon", prefixes):
-            adapter = layer.adapters[adapter_name]
-            _require(layer, adapter, f"{component}.{path}", "additive", "tucker", "LoCon")
-            key, backend = kohya_name(prefixes[component], path), adapter.backend.plain()
+        for key, layer, adapter in kohya_modules(models, adapter_name, "LoCon", "additive", "tucker"):
+            backend = adapter.backend.plain()
             shape = tuple(layer.base_layer.weight.shape)
             out_factor, in_factor, *kernel_factors = (f.detach().float() for f in backend.tucker_factor)
             core = backend.tucker_core.detach().float()
