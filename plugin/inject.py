@@ -170,11 +170,11 @@ def _wrap(model: nn.Module, name: str) -> AdaptedLayer:
     if isinstance(module, AdaptedLayer):
         return module
     layer = AdaptedLayer(module)
-    _replace(model, name, layer)
+    replace_layer(model, name, layer)
     return layer
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_layer(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at the layer path `name` (inside diffusers' LoRA layer, if one wraps it there)."""
     model = uncompiled(model)
     current = model.get_submodule(name)
@@ -267,7 +267,7 @@ def delete_adapters(model: nn.Module, names: str | list[str]) -> None:
                 del layer.adapters[name]
                 layer.active.pop(name, None)
         if not layer.adapters:
-            _replace(model, path, layer.base_layer)
+            replace_layer(model, path, layer.base_layer)
     for name in names:
         adapter_configs(model).pop(name, None)
 
@@ -276,7 +276,7 @@ def unload_adapters(model: nn.Module) -> None:
     """Put the original layers back (with whatever is fused into their weights), forget all adapters,
     and give the base parameters back the `requires_grad` they had before adapters froze them."""
     for path, layer in adapted_layers(model).items():
-        _replace(model, path, layer.base_layer)
+        replace_layer(model, path, layer.base_layer)
     adapter_configs(model).clear()
     model = uncompiled(model)
     frozen = getattr(model, FROZEN_ATTR, None) or {}

@@ -233,12 +233,12 @@ class LieraLoaderMixin:
         for model in self.liera_models().values():
             for path, layer in inject.adapted_layers(model).items():
                 parked.append((model, path, layer))
-                inject._replace(model, path, layer.base_layer)
+                inject.replace_layer(model, path, layer.base_layer)
         try:
             return super().load_lora_weights(*args, **kwargs)
         finally:
             for model, path, layer in parked:
-                inject._replace(model, path, layer)
+                inject.replace_layer(model, path, layer)
 
     def fuse_lora(
         self,

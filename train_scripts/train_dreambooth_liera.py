@@ -14,9 +14,10 @@ Arguments keep diffusers' names and meanings; the adapter is chosen with `--adap
 lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, dora-flora) and
 `--backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
 `--targets`; training procedures with `--init pissa` (PiSSA/HOSVD start), `--relora_steps` (ReLoRA
-restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves `adapter.safetensors` (format `liera/1`, or `liera/2`
-for the newer presets; see FORMAT.md), `checkpoint-<step>/` folders (resumable with
-`--resume_from_checkpoint latest`), `validation/*.png` grids, `metrics.json` and a `README.md` card.
+restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves
+`adapter.safetensors` (format `liera/1`, or `liera/2` for the newer presets; see FORMAT.md),
+`checkpoint-<step>/` folders (resumable with `--resume_from_checkpoint latest`), `validation/*.png`
+grids, `metrics.json` and a `README.md` card.
 
 After training it measures the denoising loss, base vs adapted, on the training images (fit), on
 held-out images of the subject that training never saw (generalisation: `--heldout_data_dir`, default
