@@ -205,6 +205,29 @@ def _base_of(adapter: str, base: str | None) -> str:
     raise SystemExit(f"{adapter} names no base model: pass --base (a pipeline folder or hub id)")
 
 
+def _export_state(models: dict, name: str, layout: str, args: argparse.Namespace, dtype: torch.dtype):
+    """The exported state dict and report of adapter `name` in `layout`."""
+    from . import export
+
+    if layout == "lora":
+        rank = args.rank
+        if rank is None and args.energy is None:
+            rank = export.own_rank(models, name)
+            if rank is None:
+                raise SystemExit(
+                    "export: this adapter is not a LoRA exactly (it needs an SVD): give --rank R, --rank auto "
+                    "--keep SHARE, or both"
+                )
+        state, report = export.lora_state_dict(models, name, rank, args.energy, dtype)
+    elif layout == "loha":
+        state, report = export.loha_state_dict(models, name, dtype)
+    elif layout == "locon":
+        state, report = export.locon_state_dict(models, name, dtype)
+    else:
+        state, report = export.dora_state_dict(models, name, dtype)
+    return state, report
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
@@ -225,22 +248,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     models = pipe.liera_models()
     layout = export.exact_layout(models, name) if args.format == "auto" else args.format
     dtype = DTYPES[args.dtype]
-    if layout == "lora":
-        rank = args.rank
-        if rank is None and args.energy is None:
-            rank = export.own_rank(models, name)
-            if rank is None:
-                raise SystemExit(
-                    "export: this adapter is not a LoRA exactly (it needs an SVD): give --rank R, --rank auto "
-                    "--keep SHARE, or both"
-                )
-        state, report = export.lora_state_dict(models, name, rank, args.energy, dtype)
-    elif layout == "loha":
-        state, report = export.loha_state_dict(models, name, dtype)
-    elif layout == "locon":
-        state, report = export.locon_state_dict(models, name, dtype)
-    else:
-        state, report = export.dora_state_dict(models, name, dtype)
+    try:
+        state, report = _export_state(models, name, layout, args, dtype)
+    except ValueError as error:  # a layout that can't hold the adapter, an update the dtype can't hold
+        raise SystemExit(f"export: {error}") from error
     out = out or source.with_name(f"{_stem(source)}_{layout}.safetensors")
     info = {"liera_source": source.name, "liera_base_model": base, "liera_layout": layout}
     info.update(
@@ -252,8 +263,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     exact = all(m.exact_factors or m.rank == 0 for m in report)
     verdict = "exact (the adapter's own tensors)" if exact else "lossy (truncated SVD)"
     print(
-        f"{layout} export, {verdict}: it keeps {100 * total['share_kept']:.2f}% of the update "
-        f"(of sum ||W' - W||^2); relative error of W' - W mean {total['mean_relative_error']:.2e}, "
+        f"{layout} export, {verdict}: it keeps {100 * total['share_kept']:.2f}% of the update (of sum "
+        f"||W' - W||^2), at least {100 * total['min_module_share_kept']:.2f}% of each module's; relative "
+        f"error of W' - W mean {total['mean_relative_error']:.2e}, "
         f"max {total['max_relative_error']:.2e} ({args.dtype})"
     )
     print(f"wrote {out} ({export.lora_parameter_count(state):,} parameters, {args.dtype})")

@@ -217,6 +217,11 @@ def lora_state_dict(
             k = down.shape[0]
             # One alpha for the file; a module of another rank carries k / alpha in its up factor.
             up, down = (up * (k / alpha)).to(dtype).contiguous(), down.to(dtype).contiguous()
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise ValueError(
+                    f"{key}: its update W' - W is too large for {dtype} (its factors overflow); export "
+                    "with --dtype fp32 or bf16"
+                )
             delta = effective_delta(layer, layer.adapters[adapter_name]).reshape(shape[0], -1)
             stored = (alpha / k) * (up.float() @ down.float())
             norm = float(torch.linalg.norm(delta))
@@ -237,8 +242,10 @@ def summary(report: list[ModuleExport]) -> dict:
         "zero_modules": len(report) - len(errors),
         "max_relative_error": max(errors, default=0.0),
         "mean_relative_error": sum(errors) / len(errors) if errors else 0.0,
-        # Of the whole update (all modules' ||W' - W||^2 together), the share the file holds.
+        # Of the whole update (all modules' ||W' - W||^2 together), the share the file holds, and the
+        # least share of any one module's (the whole is dominated by the modules with large updates).
         "share_kept": 1 - lost / total if total else 1.0,
+        "min_module_share_kept": 1 - max(errors, default=0.0) ** 2,
         "ranks": sorted({m.rank for m in report if m.rank > 0}),
     }
 
