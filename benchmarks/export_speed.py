@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     comparison = None
     if args.compare:
         largest = sorted(layers.values(), key=lambda layer: layer.base_layer.weight.numel(), reverse=True)
-        timings = {"full SVD (torch.linalg.svd)": 0.0, "Gram (truncated_svd)": 0.0}
+        timings = {"full SVD (torch.linalg.svd)": 0.0, "truncated_svd (randomised at a fixed rank)": 0.0}
         with torch.no_grad():
             for layer in largest[: args.compare]:
                 delta = effective_delta(layer, layer.adapters["a"]).reshape(
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                 timings["full SVD (torch.linalg.svd)"] += time.perf_counter() - start
                 start = time.perf_counter()
                 truncated_svd(delta, args.export_rank, None)
-                timings["Gram (truncated_svd)"] += time.perf_counter() - start
+                timings["truncated_svd (randomised at a fixed rank)"] += time.perf_counter() - start
         comparison = {"modules": args.compare, **timings}
         print(comparison, flush=True)
 
