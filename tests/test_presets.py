@@ -171,3 +171,18 @@ def test_a_few_training_steps_save_and_load_into_a_fresh_pipeline_identically(to
     # liera/1 when the file needs nothing newer: hira is lie (linear) + lowrank, both liera/1.
     version = "liera/1" if method in ("lora", "flora", "liera", "hira") else "liera/2"
     assert plugin.read_adapter_file(path)[1]["format"] == version
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_preset_trains_under_bf16_autocast_with_float32_gradients(method):
+    """A half-precision base under autocast (the training script's --mixed_precision): every path of
+    every preset (bypass, rebuild, in-place) runs and gives its float32 tensors finite gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(2), nn.Linear(64, 24)).to(torch.bfloat16)
+    plugin.add_adapter(model, AdapterConfig(method=method, rank=4, targets="all"))
+    x = torch.randn(2, 8, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().mean().backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 and p.grad is not None for p in trained)
+    assert all(torch.isfinite(p.grad).all() for p in trained)

@@ -130,7 +130,8 @@ def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Ten
     """TensorLy's `mode_dot`, the n-mode product `tensor ×_mode matrix`, in plain torch: the rebuilds
     run every step, and TensorLy's backend dispatch is not traceable by `torch.compile` (graph breaks).
     `tests/test_backends.py` holds it equal to TensorLy's."""
-    return torch.movedim(torch.tensordot(tensor, matrix, dims=([mode], [1])), -1, mode)
+    # A matmul (not `tensordot`, which refuses mixed dtypes under autocast before casting them).
+    return torch.movedim(torch.movedim(tensor, mode, -1) @ matrix.T, -1, mode)
 
 
 def khatri_rao(matrices: list[torch.Tensor]) -> torch.Tensor:
