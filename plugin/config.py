@@ -67,6 +67,9 @@ ATTENTION_PROJECTIONS = (
     r"k_proj",
     r"v_proj",
     r"out_proj",
+    # Flux's single blocks: attention and MLP share one input and one output projection.
+    r"single_transformer_blocks\.\d+\.proj_mlp",
+    r"single_transformer_blocks\.\d+\.proj_out",
 )
 RESNET_AND_SAMPLER_CONVS = (
     r"resnets\.\d+\.conv1",

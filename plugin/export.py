@@ -190,23 +190,33 @@ def lora_state_dict(
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
-    """The kohya LoRA state dict of one loaded (unfused) adapter, and a report per module."""
+    """The LoRA state dict of one loaded (unfused) adapter, and a report per module: kohya keys for
+    UNet pipelines (what A1111 and ComfyUI read too), diffusers' own `<component>.<path>.lora_A/B`
+    keys for pipelines with a `transformer` (SD3, Flux: what their `load_lora_weights` reads; no
+    alpha, so PEFT's scale is 1 and each up factor holds its update as it is)."""
     if rank is None and energy is None:
         raise ValueError("give a rank, an energy threshold, or both")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    prefixes = kohya_prefixes(models)
-    work = [
-        (kohya_name(prefixes[component], path), layer)
-        for component, path, layer in adapted_modules(models, adapter_name, "kohya LoRA", prefixes)
-    ]
+    kohya = "transformer" not in models
+    if kohya:
+        prefixes = kohya_prefixes(models)
+        work = [
+            (kohya_name(prefixes[component], path), layer)
+            for component, path, layer in adapted_modules(models, adapter_name, "kohya LoRA", prefixes)
+        ]
+    else:
+        work = [
+            (f"{component}.{path}", layer)
+            for component, path, layer in adapted_modules(models, adapter_name, "diffusers LoRA")
+        ]
 
     with torch.no_grad():
         factors = {}
         for key, layer in tqdm(work, desc="export: SVD", disable=not progress):
             factors[key] = lora_factors(layer, layer.adapters[adapter_name], rank, energy)
         ranks = [f[1].shape[0] for f in factors.values() if f is not None]
-        alpha = Counter(ranks).most_common(1)[0][0] if ranks else 1
+        alpha = Counter(ranks).most_common(1)[0][0] if ranks and kohya else None
         state, report = {}, []
         for key, layer in tqdm(work, desc="export: error", disable=not progress):
             shape = tuple(layer.base_layer.weight.shape)
@@ -215,20 +225,23 @@ def lora_state_dict(
                 continue
             up, down, exact = factors.pop(key)
             k = down.shape[0]
-            # One alpha for the file; a module of another rank carries k / alpha in its up factor.
-            up, down = (up * (k / alpha)).to(dtype).contiguous(), down.to(dtype).contiguous()
+            # kohya: one alpha for the file; a module of another rank carries k / alpha in its up factor.
+            read_scale = alpha / k if alpha else 1.0  # what a reader multiplies `up @ down` by
+            up, down = (up / read_scale).to(dtype).contiguous(), down.to(dtype).contiguous()
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise ValueError(
                     f"{key}: its update W' - W is too large for {dtype} (its factors overflow); export "
                     "with --dtype fp32 or bf16"
                 )
             delta = effective_delta(layer, layer.adapters[adapter_name]).reshape(shape[0], -1)
-            stored = (alpha / k) * (up.float() @ down.float())
+            stored = read_scale * (up.float() @ down.float())
             norm = float(torch.linalg.norm(delta))
             error = float(torch.linalg.norm(delta - stored)) / norm
-            state[f"{key}.lora_down.weight"] = down.reshape(k, *shape[1:]).cpu()
-            state[f"{key}.lora_up.weight"] = up.reshape(shape[0], k, *[1] * len(shape[2:])).cpu()
-            state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+            down_name, up_name = ("lora_down", "lora_up") if kohya else ("lora_A", "lora_B")
+            state[f"{key}.{down_name}.weight"] = down.reshape(k, *shape[1:]).cpu()
+            state[f"{key}.{up_name}.weight"] = up.reshape(shape[0], k, *[1] * len(shape[2:])).cpu()
+            if kohya:
+                state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
             report.append(ModuleExport(key, shape, k, error, exact, norm))
     return state, report
 
