@@ -131,7 +131,7 @@ def preset_rows(unet, rank: int = 8, targets: str = "attn+conv") -> list[dict]:
     for method, preset in METHODS.items():
         config = AdapterConfig(method=method, rank=rank, targets=targets)
         torch.manual_seed(0)
-        add_adapter(unet, config, "preset")
+        modules = len(add_adapter(unet, config, "preset"))
         parameters = trainable_parameters(unet)
         delete_adapters(unet, "preset")
         composition = config.composition + (f" ({config.lie_map})" if config.composition == "lie" else "")
@@ -146,6 +146,7 @@ def preset_rows(unet, rank: int = 8, targets: str = "attn+conv") -> list[dict]:
                 "backend": backends,
                 "options": options,
                 "scale": config.scale,
+                "modules": modules,
                 "parameters": parameters,
                 "paper": preset.paper,
             }
@@ -154,21 +155,26 @@ def preset_rows(unet, rank: int = 8, targets: str = "attn+conv") -> list[dict]:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    import diffusers
     from diffusers import UNet2DConditionModel
 
     if args.config:
+        # Built on the meta device: parameter counts need shapes only, and Flux has 12B weights.
         config = json.loads(Path(args.config).read_text())
-        unet = UNet2DConditionModel.from_config(config)
-        where = f"{args.config} (random weights)"
+        model_class = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
+        with torch.device("meta"):
+            unet = model_class.from_config(config)
+            rows = preset_rows(unet, args.rank, args.targets)
+        where = f"{args.config} (shapes only)"
     else:
         unet = UNet2DConditionModel.from_pretrained(args.base, subfolder="unet")
         where = f"{args.base}/unet"
-    rows = preset_rows(unet, args.rank, args.targets)
+        rows = preset_rows(unet, args.rank, args.targets)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"parameters: rank {args.rank}, targets {args.targets}, on {where}")
-    columns = ["preset", "composition", "backend", "options", "scale", "parameters", "paper"]
+    columns = ["preset", "composition", "backend", "options", "scale", "modules", "parameters", "paper"]
     cells = [[f"{r[c]:,}" if c == "parameters" else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())

@@ -10,6 +10,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 import plugin
 from plugin.config import AdapterConfig
 from plugin.export import lora_state_dict, own_rank, save_lora
+from tests.conftest import ROOT
 
 
 def flux():
@@ -86,3 +87,24 @@ def test_transformer_adapters_export_to_what_diffusers_loads(make, method, tmp_p
         pipeline_class.load_lora_into_transformer(state_dict, base, adapter_name="x")
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs, return_dict=False)[0], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config, modules, lora_parameters",
+    [
+        ("sd15_unet", 192, 6_222_848),
+        ("sdxl_unet", 609, 14_643_200),
+        ("sd3_medium_transformer", 191, 4_694_016),
+        ("flux_dev_transformer", 342, 23_347_200),  # 19 double blocks x 8 + 38 single blocks x 5
+    ],
+)
+def test_presets_count_the_real_configurations_from_shapes_alone(config, modules, lora_parameters, capsys):
+    """The published configs, built on the meta device (Flux-dev has 12B weights): docs/METHODS.md's table."""
+    import json
+
+    from plugin.cli import main
+
+    assert main(["presets", "--config", str(ROOT / "assets" / "configs" / f"{config}.json"), "--json"]) == 0
+    rows = {row["preset"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["lora"]["modules"] == modules and rows["lora"]["parameters"] == lora_parameters
+    assert set(rows) == set(plugin.METHODS)
