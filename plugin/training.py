@@ -21,7 +21,7 @@ from PIL.ImageOps import exif_transpose
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from .inject import adapter_state_dict, list_adapters
+from .inject import adapted_layers, adapter_state_dict, list_adapters
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # What each random stream is for: the first key of every seed, so no two streams ever coincide and
@@ -262,3 +262,19 @@ def denoising_loss(
         pred = unet(noisy.to(device, dtype), t.to(device), hidden[index.to(device)], return_dict=False)[0]
         errors.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
     return torch.cat(errors).mean().item()
+
+
+@torch.no_grad()
+def largest_weight_change(models: Mapping[str, nn.Module]) -> tuple[str | None, float]:
+    """The adapted layer whose weight the active adapters change most, `||W' - W|| / ||W||`, and that
+    ratio. A lie adapter can grow huge on a layer that a normalisation follows without the loss
+    noticing (the norm divides it away); the number shows it before an export or a merge does."""
+    worst, largest = None, 0.0
+    for component, model in models.items():
+        for path, layer in adapted_layers(model).items():
+            weight = layer.original_weight().float()
+            change = layer.adapted_weight(layer.unfused_terms_active()).float() - weight
+            ratio = float(torch.linalg.norm(change) / torch.linalg.norm(weight).clamp_min(1e-30))
+            if ratio > largest:
+                worst, largest = f"{component}.{path}", ratio
+    return worst, largest

@@ -136,6 +136,10 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     assert metrics["heldout_curve"][0][1] == pytest.approx(metrics["heldout_loss_before"], rel=1e-4)
     assert metrics["heldout_curve"][-1][1] == pytest.approx(metrics["heldout_loss_after"], rel=1e-4)
     assert metrics["adapter_step"] == 4 and metrics["best_step"] in (0, 2, 4)
+    # The saved file reproduces the trained model; the layer the adapter changes most is named.
+    assert metrics["saved_vs_trained_max_abs_diff"] < 1e-5
+    assert 0 < metrics["largest_relative_weight_change"] < 1
+    assert metrics["largest_weight_change_module"].startswith("unet.")
     card = (output_dir / "README.md").read_text()
     for row in ["training images (fit)", "held-out images (generalisation)", "class images (prior drift)"]:
         assert f"| {row}" in card, row

@@ -935,6 +935,7 @@ from plugin.training import (  # noqa: E402
     collate_fn,
     copy_adapter_tensors,
     denoising_loss,
+    largest_weight_change,
     list_images,
     load_rgb,
     prediction_target,
@@ -1767,6 +1768,18 @@ def main(args: argparse.Namespace) -> dict:
         logger.info(
             f"The saved file reproduces the trained model to {file_difference:.2e} (largest output difference)"
         )
+        changed_most, weight_change = largest_weight_change(
+            {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+        )
+        message = f"Largest weight change: {weight_change:.3g} x ||W|| at {changed_most}"
+        if weight_change > 1:
+            logger.warning(
+                f"{message}: the adapter changes that layer by more than its own size (often hidden by a "
+                "normalisation after it). Exports and half-precision merges may overflow there; a lower "
+                "--learning_rate or --scale keeps it smaller."
+            )
+        else:
+            logger.info(message)
 
         def before_after(images: list[Image.Image], prompts: str | list[str]) -> tuple[float, float]:
             """The denoising loss of the base model and of the saved adapter: same images, timesteps, noise."""
@@ -1858,6 +1871,9 @@ def main(args: argparse.Namespace) -> dict:
             "adapter_step": adapter_step,
             "max_abs_diff_between_ranks": rank_difference,
             "saved_vs_trained_max_abs_diff": file_difference,
+            # max over adapted layers of ||W' - W|| / ||W||, and that layer
+            "largest_relative_weight_change": weight_change,
+            "largest_weight_change_module": changed_most,
             "losses": [round(x, 6) for x in losses],
         }
         write_atomically(Path(args.output_dir, "metrics.json"), json.dumps(metrics, indent=1))

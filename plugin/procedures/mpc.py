@@ -80,5 +80,10 @@ def mpc_penalty(models: Iterable[nn.Module], adapter_name: str, constraint: str)
     factors = expansion_factors(models, adapter_name)
     if not factors:
         raise ValueError(f"adapter {adapter_name!r} has no expansion factors for MPC to constrain")
-    penalty = CONSTRAINTS[constraint]
-    return torch.stack([penalty(factor.float()) for factor in factors]).mean()
+    # Factors of one shape are stacked and penalised together (every penalty is a mean over its last
+    # two dims, so a stack's mean is the mean of its factors'): a few kernels a step, not hundreds.
+    penalty, groups = CONSTRAINTS[constraint], {}
+    for factor in factors:
+        groups.setdefault(tuple(factor.shape), []).append(factor)
+    total = sum(len(group) * penalty(torch.stack(group).float()) for group in groups.values())
+    return total / len(factors)
