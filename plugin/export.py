@@ -423,8 +423,9 @@ def dora_state_dict(
             adapter = layer.adapters[adapter_name]
             _require(layer, adapter, f"{component}.{path}", "dora", "lowrank", "DoRA")
             shape = tuple(layer.base_layer.weight.shape)
-            up = (adapter.scale * adapter.backend.lora_up).to("cpu", dtype).contiguous()
-            down = adapter.backend.lora_down.detach().to("cpu", dtype).contiguous()
+            backend = adapter.backend.plain()  # a PiSSA/ReLoRA update as one lowrank update
+            up = (adapter.scale * backend.lora_up).to("cpu", dtype).contiguous()
+            down = backend.lora_down.detach().to("cpu", dtype).contiguous()
             magnitude = adapter.magnitude.detach().to("cpu", dtype)
             r, key = down.shape[0], f"{component}.{path}"
             state[f"{key}.lora_A.weight"] = down.reshape(r, *shape[1:])
