@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .backends import backend_owning
-from .files import _KEY, ADAPTER_FILENAME, AdapterFileError, read_adapter_file, resolve_adapter_path
+from .files import ADAPTER_FILENAME, KEY, AdapterFileError, read_adapter_file, resolve_adapter_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
@@ -51,7 +51,7 @@ def describe(path: str | os.PathLike) -> dict:
 def _describe_liera(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = KEY.match(key)
         if match is None:
             raise AdapterFileError(f"key {key!r} is not <component>.<module>.<param>")
         modules.setdefault((match["component"], match["module"]), {})[match["param"]] = tensor

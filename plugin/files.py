@@ -27,6 +27,7 @@ from .inject import (
     adapted_layers,
     adapter_configs,
     adapter_state_dict,
+    adapters_named,
     attach,
     check_adapter_name,
     check_weight,
@@ -43,7 +44,8 @@ _PARAM = "|".join(
     + [re.escape(name) for cls in COMPOSITION_CLASSES.values() for name in cls.extra_names]
     + ["scale"]
 )
-_KEY = re.compile(rf"^(?P<component>[^.]+)\.(?P<module>.+)\.(?P<param>{_PARAM})$")
+# A file key: `<component>.<module path>.<param>` (FORMAT.md).
+KEY = re.compile(rf"^(?P<component>[^.]+)\.(?P<module>.+)\.(?P<param>{_PARAM})$")
 
 
 class AdapterFileError(ValueError):
@@ -68,11 +70,7 @@ def save_adapter(
         if adapter_name not in list_adapters(model):
             continue
         config = config or adapter_configs(model).get(adapter_name)
-        adapters += [
-            layer.adapters[adapter_name]
-            for layer in adapted_layers(model).values()
-            if adapter_name in layer.adapters
-        ]
+        adapters += list(adapters_named(model, adapter_name).values())
         state = adapter_state_dict(model, adapter_name, prefix=f"{component}.")
         tensors.update({k: v.to(dtype=dtype, device="cpu").contiguous() for k, v in state.items()})
     if not tensors:
@@ -207,7 +205,7 @@ def hotswap_adapter(
     tensors, metadata, where = _read_source(source)
     plan, config = plan_load(tensors, metadata, models, where)
     check_adapted_weights(plan, models, 1.0, where)
-    live = {component: _adapters_named(model, adapter_name) for component, model in models.items()}
+    live = {component: adapters_named(model, adapter_name) for component, model in models.items()}
     if not any(live.values()):
         raise AdapterFileError(
             f"{where}: hotswap needs a loaded adapter named {adapter_name!r}; load it first"
@@ -258,14 +256,6 @@ def hotswap_adapter(
     return adapter_name
 
 
-def _adapters_named(model: nn.Module, adapter_name: str) -> dict[str, Adapter]:
-    return {
-        path: layer.adapters[adapter_name]
-        for path, layer in adapted_layers(model).items()
-        if adapter_name in layer.adapters
-    }
-
-
 def _read_source(
     source: str | os.PathLike | tuple[dict[str, torch.Tensor], dict[str, str]],
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
@@ -300,7 +290,7 @@ def plan_load(
 
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = KEY.match(key)
         if match is None:
             raise AdapterFileError(f"{where}: key {key!r} is not <component>.<module>.<{_PARAM}>")
         if match["component"] not in models:

@@ -26,6 +26,15 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {path: layer for path, layer in adaptable_layers(model).items() if isinstance(layer, AdaptedLayer)}
 
 
+def adapters_named(model: nn.Module, adapter_name: str) -> dict[str, Adapter]:
+    """The adapter `adapter_name` of every layer that has it, by the layer's path."""
+    return {
+        path: layer.adapters[adapter_name]
+        for path, layer in adapted_layers(model).items()
+        if adapter_name in layer.adapters
+    }
+
+
 def adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear/ConvNd by the path a file names it with, an already adapted one as its
     `AdaptedLayer`. A layer that diffusers' own LoRA (a PEFT layer) wraps is found under the PEFT
@@ -294,10 +303,9 @@ def adapter_state_dict(
     `Adapter.tensors`)."""
     _check_names(model, adapter_name)
     state = {}
-    for path, layer in adapted_layers(model).items():
-        if adapter_name in layer.adapters:
-            for param, tensor in layer.adapters[adapter_name].tensors(trained_only).items():
-                state[f"{prefix}{path}.{param}"] = tensor.detach()
+    for path, adapter in adapters_named(model, adapter_name).items():
+        for param, tensor in adapter.tensors(trained_only).items():
+            state[f"{prefix}{path}.{param}"] = tensor.detach()
     return state
 
 

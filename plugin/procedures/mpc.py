@@ -25,7 +25,7 @@ from torch import nn
 
 from ..backends import BACKEND_CLASSES, Backend, trained_part
 from ..config import AdapterConfig
-from ..inject import adapted_layers
+from ..inject import adapters_named
 
 
 def _gram(factor: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,8 @@ def check_constrainable(config: AdapterConfig) -> None:
 def expansion_factors(models: Iterable[nn.Module], adapter_name: str) -> list[torch.Tensor]:
     factors = []
     for model in models:
-        for layer in adapted_layers(model).values():
-            if adapter_name in layer.adapters:
-                factors += trained_part(layer.adapters[adapter_name].backend).expansion_factors()
+        for adapter in adapters_named(model, adapter_name).values():
+            factors += trained_part(adapter.backend).expansion_factors()
     return factors
 
 

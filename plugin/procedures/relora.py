@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backends import BACKEND_CLASSES, Backend, Continued, frozen_part, trained_part
 from ..config import AdapterConfig
-from ..inject import adapted_layers, adapter_configs, new_backend
+from ..inject import adapted_layers, adapter_configs, adapters_named, new_backend
 
 
 def check_restartable(config: AdapterConfig) -> None:
@@ -40,10 +40,10 @@ def restart(model: nn.Module, adapter_name: str, seed: int) -> list[nn.Parameter
     devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for path, layer in _layers(model, adapter_name).items():
-            adapter = layer.adapters[adapter_name]
+        layers = adapted_layers(model)
+        for path, adapter in adapters_named(model, adapter_name).items():
             trained, frozen = trained_part(adapter.backend), frozen_part(adapter.backend)
-            fresh = new_backend(config, path, layer.original_weight())
+            fresh = new_backend(config, path, layers[path].original_weight())
             parts = [(part, 1.0) for part in (frozen, trained, frozen_part(fresh)) if part is not None]
             combined = type(trained).combine(parts)
             new = dict(trained_part(fresh).named_parameters())
@@ -66,7 +66,3 @@ def restart_warmup(schedule: Callable[[int], float], every: int, warmup: int) ->
         return schedule(step) * (since + 1) / (warmup + 1)
 
     return factor
-
-
-def _layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
-    return {path: layer for path, layer in adapted_layers(model).items() if adapter_name in layer.adapters}

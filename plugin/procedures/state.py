@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..backends import Continued, backend_owning, frozen_part, trained_part
-from ..inject import adapted_layers, adapter_state_dict
+from ..files import KEY
+from ..inject import adapter_state_dict, adapters_named
 
 FROZEN = "frozen."
 
@@ -24,10 +25,8 @@ def training_state(models: Mapping[str, nn.Module], adapter_name: str) -> dict[s
     state = {}
     for component, model in models.items():
         state.update(adapter_state_dict(model, adapter_name, prefix=f"{component}.", trained_only=True))
-        for path, layer in adapted_layers(model).items():
-            frozen = (
-                frozen_part(layer.adapters[adapter_name].backend) if adapter_name in layer.adapters else None
-            )
+        for path, adapter in adapters_named(model, adapter_name).items():
+            frozen = frozen_part(adapter.backend)
             if frozen is not None:
                 for name, tensor in frozen.named_parameters():
                     state[f"{FROZEN}{component}.{path}.{name}"] = tensor.detach()
@@ -42,16 +41,12 @@ def restore_training_state(
     frozen: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if key.startswith(FROZEN):
-            module, _, name = key[len(FROZEN) :].rpartition(".")
-            if name.isdigit():  # `tucker_factor.0`: the module path ends one dot earlier
-                module, _, head = module.rpartition(".")
-                name = f"{head}.{name}"
-            frozen.setdefault(module, {})[name] = tensor
+            match = KEY.match(key[len(FROZEN) :])  # a file key's <component>.<module>.<param>
+            if match is None:
+                raise ValueError(f"training state key {key!r} is not frozen.<component>.<module>.<param>")
+            frozen.setdefault(f"{match['component']}.{match['module']}", {})[match["param"]] = tensor
     for component, model in models.items():
-        for path, layer in adapted_layers(model).items():
-            if adapter_name not in layer.adapters:
-                continue
-            adapter = layer.adapters[adapter_name]
+        for path, adapter in adapters_named(model, adapter_name).items():
             trained = trained_part(adapter.backend)
             mine = frozen.pop(f"{component}.{path}", None)
             if mine is None:
