@@ -94,7 +94,7 @@ RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
     "instance_captions", "train_images", "class_prompt", "with_prior_preservation",
     "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
-    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
@@ -256,6 +256,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items())
         + " (a lie adapter changes W by W*sD, so it needs a larger step than W + sD; liera diverged at 2e-2; "
         "only lora, flora and liera were tuned).",
+    )
+    train.add_argument(
+        "--conv_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of the adapters on convolutions (default: --learning_rate). A Tucker update "
+        "multiplies five trained tensors, so it grows faster than a two-factor one at the same rate.",
     )
     train.add_argument(
         "--scale_lr",
@@ -507,6 +514,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
+        parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
@@ -1167,6 +1176,24 @@ def save_checkpoint(
 
 
 @torch.no_grad()
+def parameter_groups(
+    trained: dict[str, torch.nn.Module], learning_rate: float, conv_learning_rate: float | None
+) -> list[dict]:
+    """The trainable tensors as optimizer groups: those of adapters on convolutions apart when they
+    have a rate of their own."""
+    conv = set()
+    if conv_learning_rate is not None:
+        for model in trained.values():
+            for layer in plugin.inject.adapted_layers(model).values():
+                if isinstance(layer.base_layer, torch.nn.modules.conv._ConvNd):
+                    conv.update(id(p) for p in layer.adapters.parameters())
+    params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in conv], "lr": learning_rate}]
+    if conv:
+        groups.append({"params": [p for p in params if id(p) in conv], "lr": conv_learning_rate})
+    return groups
+
+
 def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: argparse.Namespace) -> float:
     """The largest output difference between the models as trained and the base with the saved file
     loaded, on a fixed random input: a file must reproduce its training, whatever the procedure."""
@@ -1428,10 +1455,11 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if args.scale_lr:
-        args.learning_rate *= (
-            args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        )
-    params_to_optimize = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+        batch = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate *= batch
+        if args.conv_learning_rate is not None:
+            args.conv_learning_rate *= batch
+    params_to_optimize = parameter_groups(trained, args.learning_rate, args.conv_learning_rate)
     if args.use_8bit_adam:
         import bitsandbytes
 
