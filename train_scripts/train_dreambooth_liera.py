@@ -1459,7 +1459,8 @@ def main(args: argparse.Namespace) -> dict:
         args.learning_rate *= batch
         if args.conv_learning_rate is not None:
             args.conv_learning_rate *= batch
-    params_to_optimize = parameter_groups(trained, args.learning_rate, args.conv_learning_rate)
+    optimizer_groups = parameter_groups(trained, args.learning_rate, args.conv_learning_rate)
+    params_to_optimize = [p for group in optimizer_groups for p in group["params"]]
     if args.use_8bit_adam:
         import bitsandbytes
 
@@ -1467,7 +1468,7 @@ def main(args: argparse.Namespace) -> dict:
     else:
         optimizer_class = torch.optim.AdamW
     optimizer = optimizer_class(
-        params_to_optimize,
+        optimizer_groups,
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
