@@ -4,6 +4,7 @@
     python benchmarks/speed.py                     # SD 1.5 UNet, 32x32 latents on the CPU
     python benchmarks/speed.py --device cuda       # 64x64 latents on a GPU
     python benchmarks/speed.py --contenders peft-lora liera-tucker-exp --rounds 3
+    python benchmarks/speed.py --device cuda --batch 4 --mixed_precision bf16 --name speed_cuda_bf16
 
 Every contender adapts the same modules of a UNet built from `--config` with random weights (seed 0):
 the attention projections and the resnet/sampler convolutions (this library's `attn+conv` preset,
@@ -19,6 +20,10 @@ passed by name to PEFT and LyCORIS). Each contender runs in its own fresh proces
 - unfused and fused inference step (no grad), each timed alternately with an untouched copy of the base
   model in the same process, so the ratio to the base is robust to the machine's load;
 - load + fuse of the saved adapter file (each library's own format), median of `--load-repeats`.
+
+`--mixed_precision bf16|fp16` trains as diffusers' scripts and this project's script do: the base (and
+the untouched copy timed beside it) in half precision, every library's adapter in float32, the forward
+under `torch.autocast`.
 
 On the CPU, times are the worker's CPU time by default (`--clock cpu`): on a machine shared with other
 work, wall time mostly measures the wait for a core. Use `--threads 1` there as well.
@@ -63,6 +68,12 @@ DEFAULT_CONFIG = REPO_ROOT / "assets" / "configs" / "sd15_unet.json"
 REFERENCE = "peft-lora"
 GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296"
 FLORA_CONV_RANK = [8, 8, 2, 2]
+HALF_DTYPES = {"no": None, "bf16": "bfloat16", "fp16": "float16"}  # --mixed_precision -> torch dtype
+PRECISION_WORDS = {
+    "no": "float32",
+    "bf16": "base in bfloat16, adapters in float32, autocast",
+    "fp16": "base in float16, adapters in float32, autocast",
+}
 
 # name -> (library, options). Rank 8 everywhere (alpha = rank, so every scale is 1). `targets` (a preset
 # of this library, default attn+conv) is what every library adapts: PEFT's GraLoRA takes Linear layers only.
@@ -147,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     parser.add_argument("--latent-size", type=int, default=None, help="Default: 32 on the CPU, 64 on a GPU.")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--mixed_precision",
+        choices=list(HALF_DTYPES),
+        default="no",
+        help="bf16/fp16: the base in that dtype, adapters in float32, forward under autocast.",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads. Default: torch's default.")
     parser.add_argument(
         "--clock",
@@ -190,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
     gpu = args.device.startswith("cuda")
     if args.latent_size is None:
         args.latent_size = 64 if gpu else 32
@@ -334,6 +353,7 @@ class Lycoris(Contender):
             **({"dora_wd": True} if self.options.get("dora_wd") else {}),
         )
         self.network.apply_to()
+        self.network.to(_device_of(unet))  # LyCORIS builds its modules on the CPU
         return len(self.network.loras)
 
     def trainable(self, unet):
@@ -356,6 +376,7 @@ class Lycoris(Contender):
         from lycoris import create_lycoris_from_weights
 
         self.network, _ = create_lycoris_from_weights(1.0, str(path), unet)
+        self.network.to(_device_of(unet))
         self.network.merge_to(1.0)
 
 
@@ -388,6 +409,10 @@ class Ours(Contender):
 
         plugin.load_adapter(path, {"unet": unet}, name)
         plugin.fuse_adapters(unet)
+
+
+def _device_of(model):
+    return next(model.parameters()).device
 
 
 LIBRARIES: dict[str, type[Contender]] = {"peft": Peft, "lycoris": Lycoris, "ours": Ours}
@@ -426,16 +451,19 @@ def run_worker(args: argparse.Namespace) -> dict:
     device, cuda = args.device, args.device.startswith("cuda")
     library, options = CONTENDERS[args.worker]
     contender = contender_for(library, options)
+    half = getattr(torch, HALF_DTYPES[args.mixed_precision]) if args.mixed_precision != "no" else None
+    autocast = torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
 
     torch.manual_seed(0)
-    unet = build_unet(args.config).to(device)
+    unet = build_unet(args.config).to(device, dtype=half)
     unet.requires_grad_(False)
     reference = copy.deepcopy(unet).eval()  # the untouched base, timed alongside
     generator = torch.Generator().manual_seed(1)
     size, channels = args.latent_size, unet.config.in_channels
-    latents = torch.randn(args.batch, channels, size, size, generator=generator).to(device)
+    latents = torch.randn(args.batch, channels, size, size, generator=generator).to(device, half)
     target = torch.randn(args.batch, unet.config.out_channels, size, size, generator=generator).to(device)
-    context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator).to(device)
+    context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
+    context = context.to(device, half)
     timesteps = torch.full((args.batch,), 500, device=device)
     targets = target_names(unet, options.get("targets", "attn+conv"))
 
@@ -451,14 +479,17 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     modules = contender.attach(unet, targets)
     params = contender.trainable(unet)
+    for param in params:  # trained in float32 under a half-precision base, as diffusers' scripts do
+        param.data = param.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model = torch.compile(unet) if args.compile else unet  # the adapters live in `unet` either way
     if args.compile:
         reference = torch.compile(reference)
 
     def train_step() -> None:
-        prediction = model(latents, timesteps, context, return_dict=False)[0]
-        torch.nn.functional.mse_loss(prediction, target).backward()
+        with autocast:
+            prediction = model(latents, timesteps, context, return_dict=False)[0]
+        torch.nn.functional.mse_loss(prediction.float(), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -474,7 +505,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     def alternate(model) -> tuple[list[float], list[float]]:
         """Inference steps of `model` and of the base, one after the other."""
         ours, base = [], []
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             for i in range(args.warmup + args.infer_steps):
                 t_base = timed(
                     lambda: reference(latents, timesteps, context, return_dict=False), device, clock
@@ -504,6 +535,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         "options": options,
         "modules": modules,
         "params": sum(p.numel() for p in params),
+        "trainable_dtypes": sorted({str(p.dtype) for p in params}),
+        "base_dtype": str(unet.conv_in.weight.dtype),
         "train_step_s": median(train_times),
         "train_steps_s": train_times,
         "peak_mib": peak,
@@ -526,7 +559,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 # What a worker's numbers depend on: runs with other values are never mixed by --resume.
 MEASUREMENT_SETTINGS = (
-    "config", "device", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
+    "config", "device", "mixed_precision", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
     "infer_steps", "load_repeats", "compile",
 )  # fmt: skip
 
@@ -709,7 +742,7 @@ def tables(
     return "\n\n".join(
         [
             f"UNet `{Path(args.config).name}` (random weights), batch {args.batch}, {args.latent_size}x{args.latent_size} "
-            f"latents, {args.device}; {', '.join(map(str, modules))} adapted modules per contender (attention projections and resnet/"
+            f"latents, {args.device}, {PRECISION_WORDS[args.mixed_precision]}; {', '.join(map(str, modules))} adapted modules per contender (attention projections and resnet/"
             f"sampler convolutions). Medians of {args.steps} training / {args.infer_steps} inference steps after "
             f"{args.warmup} warm-up, {args.rounds} round(s); times are {CLOCK_WORDS[args.clock]}; glibc malloc "
             f"{'tuned (`GLIBC_TUNABLES=' + GLIBC_TUNABLES + '`)' if args.malloc_tuning else 'at its defaults'}. Base model "

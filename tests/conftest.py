@@ -54,4 +54,4 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 2) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".adapters." in name:
-                param.add_(std * torch.randn(param.shape, generator=generator).to(param.dtype))
+                param.add_(std * torch.randn(param.shape, generator=generator).to(param))

@@ -73,6 +73,19 @@ def test_speed_benchmark_measures_every_contender_and_writes_tables(tiny_config,
 
 
 @needs_proc
+@needs_proc
+def test_speed_benchmark_trains_float32_adapters_on_a_bf16_base(tiny_config, tmp_path):
+    names = ["peft-lora", "lycoris-locon-tucker", "liera-tucker-exp"]
+    argv = ["--config", str(tiny_config), *TINY_SPEED, "--output-dir", str(tmp_path), "--in-process"]
+    payload = speed.main([*argv, "--mixed_precision", "bf16", "--contenders", *names, "--no-plot"])
+    for name in names:
+        run = payload["runs"][name][0]
+        assert run["base_dtype"] == "torch.bfloat16", name
+        assert run["trainable_dtypes"] == ["torch.float32"], name
+        assert run["train_step_s"] > 0 and run["fused_vs_base"] > 0
+    assert "base in bfloat16, adapters in float32" in (tmp_path / "speed.md").read_text()
+
+
 def test_speed_worker_runs_in_its_own_process(tiny_config):
     args = speed.parse_args(["--config", str(tiny_config), *TINY_SPEED])
     result = speed.spawn_worker(args, "liera-tucker-exp", ["--config", str(tiny_config), *TINY_SPEED])

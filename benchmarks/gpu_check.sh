@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU check, on any CUDA machine in about five minutes: the CUDA-only tests (xformers when it is
+# installed), the bf16 speed table against PEFT LoRA and LyCORIS, and a short bf16 DreamBooth run on the
+# toy base with its training speed. Results land in $RESULTS_DIR (default benchmarks/results).
+#
+#   benchmarks/gpu_check.sh                      # PYTHON=... to pick the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+RESULTS_DIR=${RESULTS_DIR:-benchmarks/results}
+RUN_DIR=${RUN_DIR:-runs/gpu_check}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'gpu_check.sh needs a CUDA device'; \
+print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+
+echo "== CUDA-only tests"
+"$PYTHON" -m pytest -q -p no:logging tests/test_cuda.py tests/test_models.py -k "cuda or xformers"
+
+echo "== bf16 training step, peak memory and inference: SD 1.5-config UNet, attn+conv, rank 8, batch 4, 64x64"
+"$PYTHON" benchmarks/speed.py --device cuda --batch 4 --mixed_precision bf16 --warmup 3 --steps 10 \
+  --infer-steps 10 --load-repeats 2 --no-plot --output-dir "$RESULTS_DIR" --name speed_cuda_bf16 \
+  --contenders peft-lora lycoris-locon-tucker lora flora liera-tucker-exp liera-lowrank-exp
+
+echo "== bf16 DreamBooth on the toy base, batch 4, script defaults otherwise"
+"$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
+  --dynamo_backend no train_scripts/train_dreambooth_liera.py --output_dir "$RUN_DIR/dreambooth" \
+  --overwrite_output_dir --mixed_precision bf16 --max_train_steps 200 --num_class_images 16 \
+  --validation_steps 1000 --checkpointing_steps 1000
+"$PYTHON" - "$RUN_DIR/dreambooth/metrics.json" <<'PY'
+import json
+import sys
+
+metrics = json.load(open(sys.argv[1]))
+rate = metrics["steps"] / metrics["train_loop_time_s"]
+print(f"toy DreamBooth, bf16, batch 4: {metrics['steps']} steps in {metrics['train_loop_time_s']} s "
+      f"= {rate:.1f} it/s (goal: at least 40); held-out loss x{metrics['heldout_loss_ratio']:.3f}")
+PY
