@@ -613,3 +613,31 @@ def test_arguments_carried_over_from_diffusers_script_work(tiny, script, capsys)
     assert "add --no-train_text_encoder" in refusal(script, capsys, [*args, "--pre_compute_text_embeddings"])
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes is not installed" in refusal(script, capsys, [*args, "--use_8bit_adam"])
+
+
+def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, capsys, tiny):
+    from diffusers import UNet2DConditionModel
+
+    from tests.conftest import TINY_UNET
+
+    unet = UNet2DConditionModel(**TINY_UNET)
+    plugin.add_adapter(unet, plugin.AdapterConfig(method="liera", rank=2), "default")
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    (everything,) = script.parameter_groups({"unet": unet}, 5e-3, None)
+    assert everything["lr"] == 5e-3 and len(everything["params"]) == len(trainable)
+
+    linear, conv = script.parameter_groups({"unet": unet}, 5e-3, 1e-3)
+    assert (linear["lr"], conv["lr"]) == (5e-3, 1e-3)
+    on_convs = {
+        id(p)
+        for layer in plugin.inject.adapted_layers(unet).values()
+        if isinstance(layer.base_layer, torch.nn.Conv2d)
+        for p in layer.adapters.parameters()
+    }
+    assert on_convs and {id(p) for p in conv["params"]} == on_convs
+    assert len(linear["params"]) + len(conv["params"]) == len(trainable)
+
+    args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    assert "--conv_learning_rate must be positive, got 0" in refusal(
+        script, capsys, [*args, "--conv_learning_rate", "0"]
+    )
