@@ -2,6 +2,7 @@
 
     python benchmarks/yardstick.py                 # 4 held-out subjects x (full, lora), 400 steps
     python benchmarks/yardstick.py --quick         # 2 subjects, 150 steps: a smoke run
+    python benchmarks/yardstick.py --recipe script --name yardstick_script   # the script's recipe
 
 Every subject is a combination of pattern x colours x shape held out of the toy base's pretraining
 (`plugin.toy.data.HELDOUT`; the base knows each part, never the whole). For each subject, four
@@ -11,7 +12,10 @@ rendered views on four backgrounds train, with the instance prompt "a sks <shape
 - `lora`: this project's `lora` preset (rank 8, attn+conv), as users train it.
 
 Both use the same loop (epsilon loss, DDPM noise, batch 4, constant learning rate after a short
-warm-up), the same data and the same seeds. Then, per run, the toy analyser
+warm-up), the same data and the same seeds. `--recipe unet` trains the UNet alone on the instance
+images (diffusers' plain DreamBooth); `--recipe script` is the training script's default recipe: the
+text encoder trained too (whole, or `lora` adapters on its attention), prior preservation with 32
+class images the base generates for "a <shape>", 800 steps, lora at the script's 1e-3. Then, per run, the toy analyser
 (`plugin.toy.analyser.analyse_subject`) judges images sampled from the instance prompt alone and
 on backgrounds the training views never showed: the share that is the subject (its shape, pattern
 and both colours), and the share that keeps its shape. The base model is judged the same way on the
@@ -45,6 +49,12 @@ from plugin.toy.analyser import analyse_subject  # noqa: E402
 from plugin.toy.data import COLOURS, make_caption, make_subject_images, subject  # noqa: E402
 
 METHODS = {"full": {"lr": 2e-4}, "lora": {"lr": 3e-3, "rank": 8}}
+# --recipe -> what it trains, with what: `script` is train_scripts/train_dreambooth_liera.py's defaults.
+RECIPES = {
+    "unet": {"text_encoder": False, "class_images": 0, "steps": 400, "lr": {"full": 2e-4, "lora": 3e-3}},
+    "script": {"text_encoder": True, "class_images": 32, "steps": 800, "lr": {"full": 2e-4, "lora": 1e-3}},
+}
+CLASS_SEEDS = 10**6  # the base's class images use seeds from here (as benchmarks/quality.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="only these subjects (to split runs across processes)",
     )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--recipe", default="unet", choices=list(RECIPES))
+    p.add_argument("--steps", type=int, default=None, help="Default: the recipe's.")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--views", type=int, default=4, help="training images per subject")
     p.add_argument("--samples", type=int, default=8, help="images per prompt judged")
@@ -79,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="2 subjects, 150 steps, 4 samples")
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = RECIPES[args.recipe]["steps"]
     if args.quick:
         args.subjects, args.steps, args.samples = min(args.subjects, 2), 150, 4
     return args
@@ -94,9 +107,11 @@ def load_pipe(base: str):
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], args) -> list[np.ndarray]:
+def generate(pipe, prompts: list[str], seeds: list[int], args, size: int | None = None) -> list[np.ndarray]:
     out = pipe(
         prompts,
+        height=size,
+        width=size,
         num_inference_steps=args.inference_steps,
         guidance_scale=args.guidance_scale,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -126,56 +141,100 @@ def judge(images: list[np.ndarray], subj: dict) -> dict:
     }
 
 
-def train(pipe, noise_scheduler, method: str, images: list[np.ndarray], captions: list[str], args) -> dict:
-    """Fine-tune ``pipe.unet`` in place on the subject's views; returns the loss curve's ends."""
+def train(
+    pipe, noise_scheduler, method: str, images: list[np.ndarray], captions: list[str], class_prompt: str, args
+) -> dict:
+    """Fine-tune ``pipe`` in place on the subject's views, as ``--recipe`` says; returns the loss
+    curve's ends."""
     import plugin
     from plugin import AdapterConfig
     from plugin.toy.data import to_tensor
 
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    recipe = RECIPES[args.recipe]
+    lr = recipe["lr"][method]
+    class_images = class_images_for(pipe, class_prompt, images[0].shape[0], args)
+    models = [unet, text_encoder] if recipe["text_encoder"] else [unet]
     torch.manual_seed(args.seed)
-    if method == "full":
-        unet.requires_grad_(True)
-        params = list(unet.parameters())
-    else:
-        plugin.add_adapter(unet, AdapterConfig(method="lora", rank=METHODS[method]["rank"]), "subject")
-        params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=METHODS[method]["lr"], weight_decay=1e-2)
-    with torch.no_grad():
-        pixels = torch.stack([to_tensor(im) for im in images])
-        posterior = vae.encode(pixels).latent_dist
+    for model in models:
+        if method == "full":
+            model.requires_grad_(True)
+        else:
+            targets = "attn+conv" if model is unet else "attn"
+            plugin.add_adapter(
+                model, AdapterConfig(method="lora", rank=METHODS[method]["rank"], targets=targets), "subject"
+            )
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+
+    def encode(texts: list[str]) -> torch.Tensor:
         ids = tokenizer(
-            captions,
+            texts,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        )
-        cond = text_encoder(ids.input_ids)[0]
+        ).input_ids
+        return ids
+
+    with torch.no_grad():
+        pixels = torch.stack([to_tensor(im) for im in images + class_images])
+        posterior = vae.encode(pixels).latent_dist
+    ids = tokenizer(
+        captions + [class_prompt] * len(class_images),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    instances, classes = torch.arange(len(images)), len(images) + torch.arange(len(class_images))
     g = torch.Generator().manual_seed(args.seed)
     losses = []
-    unet.train()
+    for model in models:
+        model.train()
     for step in tqdm(range(args.steps), desc=f"[{method}] train", leave=False):
-        idx = torch.randint(0, len(images), (args.batch_size,), generator=g)
+        idx = instances[torch.randint(0, len(images), (args.batch_size,), generator=g)]
+        if len(class_images):  # prior preservation: as many class images, in the same batch
+            idx = torch.cat(
+                [idx, classes[torch.randint(0, len(class_images), (args.batch_size,), generator=g)]]
+            )
         latents = posterior.mean[idx] + posterior.std[idx] * torch.randn(
             posterior.mean[idx].shape, generator=g
         )
         latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         for group in optimizer.param_groups:
-            group["lr"] = METHODS[method]["lr"] * min(1.0, (step + 1) / 20)
-        pred = unet(noisy, t, cond[idx]).sample
-        loss = F.mse_loss(pred, noise)
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
+        with torch.set_grad_enabled(recipe["text_encoder"]):
+            cond = text_encoder(ids[idx])[0]
+        pred = unet(noisy, t, cond).sample
+        # The instance and the class halves weigh the same (diffusers' prior_loss_weight 1).
+        per_image = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = per_image[: args.batch_size].mean() + per_image[args.batch_size :].sum() / args.batch_size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    unet.eval()
-    unet.requires_grad_(False)
+    for model in models:
+        model.eval()
+        model.requires_grad_(False)
     tenth = max(1, len(losses) // 10)
-    return {"loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:]))}
+    return {
+        "loss_first": float(np.mean(losses[:tenth])),
+        "loss_last": float(np.mean(losses[-tenth:])),
+        "trained_parameters": sum(p.numel() for p in params),
+        "class_images": len(class_images),
+    }
+
+
+def class_images_for(pipe, class_prompt: str, size: int, args) -> list[np.ndarray]:
+    """The recipe's class images: the base's own samples of the class prompt (DreamBooth's prior) at
+    the views' size, made before training changes the base."""
+    count = RECIPES[args.recipe]["class_images"]
+    seeds = [CLASS_SEEDS + i for i in range(count)]
+    return generate(pipe, [class_prompt] * count, seeds, args, size) if count else []
 
 
 def run_one(args, index: int, method: str | None) -> dict:
@@ -198,6 +257,7 @@ def run_one(args, index: int, method: str | None) -> dict:
                 method,
                 [im for im, _ in views],
                 training_captions(args, subj, views),
+                subj["class_prompt"],
                 args,
             )
         )
@@ -230,7 +290,8 @@ def training_captions(args, subj: dict, views) -> list[str]:
 
 def run_key(args, index: int, method: str) -> str:
     captions = "" if args.captions == "instance" or method == "base" else f"-{args.captions}"
-    return f"{index}-{method}-{args.steps}-{args.seed}{captions}"
+    recipe = "" if args.recipe == "unet" or method == "base" else f"-{args.recipe}"
+    return f"{index}-{method}-{args.steps}-{args.seed}{captions}{recipe}"
 
 
 def sample_grid(args, rows: list[tuple[str, Path]], path: Path, per_row: int = 4) -> Path:
@@ -317,14 +378,32 @@ def main(argv=None) -> dict:
     env = environment("cpu", args.threads)
     settings = {
         k: getattr(args, k)
-        for k in ("steps", "batch_size", "views", "samples", "guidance_scale", "inference_steps", "seed")
+        for k in (
+            "recipe",
+            "steps",
+            "batch_size",
+            "views",
+            "samples",
+            "guidance_scale",
+            "inference_steps",
+            "seed",
+        )
     }
     write_json(
         out / f"{args.name}.json",
-        {"settings": settings, "methods": METHODS, "environment": env, "runs": results, "summary": summary},
+        {
+            "settings": settings,
+            "methods": METHODS,
+            "recipe": RECIPES[args.recipe],
+            "environment": env,
+            "runs": results,
+            "summary": summary,
+        },
     )
     command = "python benchmarks/yardstick.py" + (" --quick" if args.quick else "")
-    command += "" if args.captions == "instance" else f" --captions {args.captions} --name {args.name}"
+    command += "" if args.captions == "instance" else f" --captions {args.captions}"
+    command += "" if args.recipe == "unet" else f" --recipe {args.recipe}"
+    command += "" if args.name == "yardstick" else f" --name {args.name}"
     write_markdown(out / f"{args.name}.md", "DreamBooth yardstick on the toy base", env, body, command)
     grid_rows = [
         (

@@ -164,3 +164,10 @@ def test_yardstick_trains_full_and_lora_judges_and_resumes(tmp_path):
     assert (tmp_path / "runs" / "0-lora-2-0-background.json").exists()
     assert captioned["runs"][0] == payload["runs"][0]  # the base is judged once
     assert (tmp_path / "out" / "captioned.md").exists()
+    # The script's recipe: the text encoder trained too, with prior preservation on the base's class images.
+    script = yardstick.main([*argv, "--recipe", "script", "--name", "script"])
+    assert (tmp_path / "runs" / "0-full-2-0-script.json").exists()
+    for plain, with_prior in zip(payload["runs"][1:], script["runs"][1:]):
+        assert with_prior["trained_parameters"] > plain["trained_parameters"]
+        assert (with_prior["class_images"], plain["class_images"]) == (32, 0)
+    assert "--recipe script" in (tmp_path / "out" / "script.md").read_text()
