@@ -79,6 +79,11 @@ DEFAULT_LEARNING_RATES = {
     "dora": 1e-3,
     "dora-flora": 3e-3,
 }
+# Adapters on convolutions train at this share of --learning_rate unless --conv_learning_rate says
+# otherwise (benchmarks/results/quality_conv_rate.md). A Tucker update multiplies five trained tensors
+# and grows faster than a two-factor one; under W ⊙ exp(sD) its largest entries then grow exponentially:
+# at one rate liera's mid-block convs changed by up to 2e14 times their norm.
+DEFAULT_CONV_LEARNING_RATE_SHARES = {"liera": 0.1}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
@@ -261,8 +266,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--conv_learning_rate",
         type=float,
         default=None,
-        help="Learning rate of the adapters on convolutions (default: --learning_rate). A Tucker update "
-        "multiplies five trained tensors, so it grows faster than a two-factor one at the same rate.",
+        help="Learning rate of the adapters on convolutions. Default: --learning_rate times "
+        + ", ".join(f"{method} {share:g}" for method, share in DEFAULT_CONV_LEARNING_RATE_SHARES.items())
+        + ", 1 for the other presets (a Tucker update multiplies five trained tensors, so it grows faster "
+        "than a two-factor one at the same rate).",
     )
     train.add_argument(
         "--scale_lr",
@@ -514,6 +521,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.conv_learning_rate is None and args.adapter in DEFAULT_CONV_LEARNING_RATE_SHARES:
+        args.conv_learning_rate = args.learning_rate * DEFAULT_CONV_LEARNING_RATE_SHARES[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
@@ -1227,6 +1236,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
     captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
+    conv_rate = "" if args.conv_learning_rate is None else f" ({args.conv_learning_rate} on convolutions)"
     fit = f"x{metrics['train_images_loss_after'] / metrics['train_images_loss_before']:.3f}"
     ratio = metrics["heldout_loss_ratio"]
     general = "n/a: no held-out images" if ratio is None else f"x{ratio:.3f}"
@@ -1258,7 +1268,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
 
 Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
 "{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
-learning rate {args.learning_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
+learning rate {args.learning_rate}{conv_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
 scale {args.scale}, targets `{args.targets}`), text encoder adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
 
