@@ -638,13 +638,9 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     assert len(linear["params"]) + len(conv["params"]) == len(trainable)
 
     args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    share = script.DEFAULT_CONV_LEARNING_RATE_SHARES["liera"]
-    assert script.parse_args(args).conv_learning_rate == pytest.approx(
-        share * script.DEFAULT_LEARNING_RATES["liera"]
-    )
-    assert script.parse_args([*args, "--learning_rate", "1e-3"]).conv_learning_rate == pytest.approx(
-        share * 1e-3
-    )
+    divisor = script.DEFAULT_CONV_LEARNING_RATE_DIVISORS["liera"]
+    assert script.parse_args(args).conv_learning_rate == script.DEFAULT_LEARNING_RATES["liera"] / divisor
+    assert script.parse_args([*args, "--learning_rate", "1e-3"]).conv_learning_rate == 1e-3 / divisor
     assert script.parse_args([*args, "--adapter", "lora"]).conv_learning_rate is None
     assert "--conv_learning_rate must be positive, got 0" in refusal(
         script, capsys, [*args, "--conv_learning_rate", "0"]

@@ -79,11 +79,11 @@ DEFAULT_LEARNING_RATES = {
     "dora": 1e-3,
     "dora-flora": 3e-3,
 }
-# Adapters on convolutions train at this share of --learning_rate unless --conv_learning_rate says
+# Adapters on convolutions train at --learning_rate divided by this, unless --conv_learning_rate says
 # otherwise (benchmarks/results/quality_conv_rate.md). A Tucker update multiplies five trained tensors
 # and grows faster than a two-factor one; under W ⊙ exp(sD) its largest entries then grow exponentially:
 # at one rate liera's mid-block convs changed by up to 2e14 times their norm.
-DEFAULT_CONV_LEARNING_RATE_SHARES = {"liera": 0.1}
+DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
@@ -266,8 +266,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--conv_learning_rate",
         type=float,
         default=None,
-        help="Learning rate of the adapters on convolutions. Default: --learning_rate times "
-        + ", ".join(f"{method} {share:g}" for method, share in DEFAULT_CONV_LEARNING_RATE_SHARES.items())
+        help="Learning rate of the adapters on convolutions. Default: --learning_rate divided by "
+        + ", ".join(f"{n} ({method})" for method, n in DEFAULT_CONV_LEARNING_RATE_DIVISORS.items())
         + ", 1 for the other presets (a Tucker update multiplies five trained tensors, so it grows faster "
         "than a two-factor one at the same rate).",
     )
@@ -521,8 +521,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.conv_learning_rate is None and args.adapter in DEFAULT_CONV_LEARNING_RATE_SHARES:
-        args.conv_learning_rate = args.learning_rate * DEFAULT_CONV_LEARNING_RATE_SHARES[args.adapter]
+    if args.conv_learning_rate is None and args.adapter in DEFAULT_CONV_LEARNING_RATE_DIVISORS:
+        args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
