@@ -134,7 +134,7 @@ def t5(d_model: int):
 
     config = T5Config(
         vocab_size=32, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
     )  # fmt: skip
     return T5EncoderModel(config)
 
