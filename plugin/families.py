@@ -246,8 +246,8 @@ class StableDiffusionXL(StableDiffusion):
 
         return CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
 
-    def generation_kwargs(self, resolution: int) -> dict:
-        return {"height": resolution, "width": resolution}
+    def generation_kwargs(self, resolution: int | None) -> dict:
+        return {"height": resolution, "width": resolution} if resolution else {}
 
     def encode(self, text_encoders: Sequence[nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         """The penultimate hidden states of both encoders side by side; the last one's pooled projection."""
@@ -285,66 +285,11 @@ class StableDiffusionXL(StableDiffusion):
         ).float()
         return sample, timestep, conditioning
 
-    @torch.no_grad()
-    def denoising_loss(
-        self, models, tokenizers, scheduler, images, prompt, resolution, seed=0, max_length=None,
-        num_timesteps=10, noises_per_timestep=2, batch_size=8, guidance_scale=3.5,
-    ):  # fmt: skip
-        """The held-out measure of `plugin.training.denoising_loss` (centre crops, fixed timesteps and
-        noise that training never draws), with this family's encoding, noise and prediction."""
-        denoiser = models[self.denoiser]
-        device, dtype = denoiser.device, denoiser.dtype
-        pixels, sizes, crops = [], [], []
-        for image in images:
-            tensor, crop = crop_to_model_input(image, resolution, center_crop=True)
-            pixels.append(tensor)
-            sizes.append((image.height, image.width))
-            crops.append(crop)
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        generator = seeded_generator(HELDOUT_KEY, seed)
-        vae = models["vae"]
-        posterior = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
-        latents = self.to_latents(vae, posterior.sample(generator=generator)).float().cpu()
-        encoders = [models[name] for name in self.text_encoders]
-        distinct = list(dict.fromkeys(prompts))
-        encoded = []
-        for text in distinct:
-            ids = self.split_ids(tokenizers, self.tokenize(tokenizers, text, max_length), max_length)
-            encoded.append(self.encode(encoders, [row.to(device) for row in ids]))
-        rows = [distinct.index(p) for p in prompts]
-        conditioning = {key: torch.cat([encoded[r][key] for r in rows]).to(dtype) for key in encoded[0]}
-        conditioning.update(
-            {
-                key: value.to(device)
-                for key, value in self.extras(
-                    torch.tensor(sizes), torch.tensor(crops), resolution, guidance_scale
-                ).items()
-            }
-        )
-        timesteps = self.evaluation_timesteps(scheduler, num_timesteps)
-        cases = [
-            (i, t)
-            for t in range(len(timesteps))
-            for i in range(len(images))
-            for _ in range(noises_per_timestep)
-        ]
-        noise = torch.randn((len(cases), *latents.shape[1:]), generator=generator)
-        errors = []
-        for start in range(0, len(cases), batch_size):
-            chunk = cases[start : start + batch_size]
-            index = torch.tensor([i for i, _ in chunk])
-            t = timesteps[torch.tensor([t for _, t in chunk])]
-            clean, eps = latents[index], noise[start : start + len(chunk)]
-            noisy, target = self.evaluation_noise(scheduler, clean, eps, t)
-            rows_of = {key: value[index.to(device)] for key, value in conditioning.items()}
-            pred = self.predict(denoiser, noisy.to(device, dtype), t.to(device), rows_of)
-            errors.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
-        return torch.cat(errors).mean().item()
+    def denoising_loss(self, *args, **kwargs) -> float:
+        return denoising_loss(self, *args, **kwargs)
 
 
-class StableDiffusion3(StableDiffusionXL):
+class StableDiffusion3(StableDiffusion):
     """SD3: two CLIPs and a T5, an MMDiT transformer trained with flow matching (diffusers' SD3 script)."""
 
     name = "sd3"
@@ -376,6 +321,11 @@ class StableDiffusion3(StableDiffusionXL):
     def sampling_scheduler(self, pipeline):
         return pipeline.scheduler  # flow matching samples with its own Euler scheduler
 
+    generation_kwargs = StableDiffusionXL.generation_kwargs
+
+    def denoising_loss(self, *args, **kwargs) -> float:
+        return denoising_loss(self, *args, **kwargs)
+
     def resolution_multiple(self, config) -> int:
         return config.patch_size
 
@@ -401,9 +351,6 @@ class StableDiffusion3(StableDiffusionXL):
             "encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2),
             "pooled_projections": torch.cat(pooled, dim=-1),
         }
-
-    def extras(self, original_sizes, crop_top_lefts, resolution, guidance_scale):
-        return {}
 
     def to_latents(self, vae, sample):
         return (sample - vae.config.shift_factor) * vae.config.scaling_factor
@@ -548,6 +495,74 @@ class Flux(StableDiffusion3):
             "guidance": torch.tensor([3.5]),
         }
         return sample, torch.tensor([500.0]), conditioning
+
+
+@torch.no_grad()
+def denoising_loss(
+    family: StableDiffusion,
+    models: Mapping[str, nn.Module],
+    tokenizers: Sequence,
+    scheduler,
+    images: Sequence[Image.Image],
+    prompt: str | Sequence[str],
+    resolution: int,
+    seed: int = 0,
+    max_length: int | None = None,
+    num_timesteps: int = 10,
+    noises_per_timestep: int = 2,
+    batch_size: int = 8,
+    guidance_scale: float = 3.5,
+) -> float:
+    """The held-out measure of `plugin.training.denoising_loss` (centre crops, fixed timesteps and
+    noise that training never draws) with `family`'s encoding, noise and prediction; `models` holds
+    the denoiser, the VAE and the text encoders by their pipeline names."""
+    denoiser = models[family.denoiser]
+    device, dtype = denoiser.device, denoiser.dtype
+    pixels, sizes, crops = [], [], []
+    for image in images:
+        tensor, crop = crop_to_model_input(image, resolution, center_crop=True)
+        pixels.append(tensor)
+        sizes.append((image.height, image.width))
+        crops.append(crop)
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    generator = seeded_generator(HELDOUT_KEY, seed)
+    vae = models["vae"]
+    posterior = vae.encode(torch.stack(pixels).to(device, vae.dtype)).latent_dist
+    latents = family.to_latents(vae, posterior.sample(generator=generator)).float().cpu()
+    encoders = [models[name] for name in family.text_encoders]
+    distinct = list(dict.fromkeys(prompts))
+    encoded = []
+    for text in distinct:
+        ids = family.split_ids(tokenizers, family.tokenize(tokenizers, text, max_length), max_length)
+        encoded.append(family.encode(encoders, [row.to(device) for row in ids]))
+    rows = [distinct.index(p) for p in prompts]
+    conditioning = {key: torch.cat([encoded[r][key] for r in rows]).to(dtype) for key in encoded[0]}
+    conditioning.update(
+        {
+            key: value.to(device)
+            for key, value in family.extras(
+                torch.tensor(sizes), torch.tensor(crops), resolution, guidance_scale
+            ).items()
+        }
+    )
+    timesteps = family.evaluation_timesteps(scheduler, num_timesteps)
+    cases = [
+        (i, t) for t in range(len(timesteps)) for i in range(len(images)) for _ in range(noises_per_timestep)
+    ]
+    noise = torch.randn((len(cases), *latents.shape[1:]), generator=generator)
+    errors = []
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        index = torch.tensor([i for i, _ in chunk])
+        t = timesteps[torch.tensor([t for _, t in chunk])]
+        clean, eps = latents[index], noise[start : start + len(chunk)]
+        noisy, target = family.evaluation_noise(scheduler, clean, eps, t)
+        rows_of = {key: value[index.to(device)] for key, value in conditioning.items()}
+        pred = family.predict(denoiser, noisy.to(device, dtype), t.to(device), rows_of)
+        errors.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
+    return torch.cat(errors).mean().item()
 
 
 FAMILIES = {

@@ -163,14 +163,12 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
     kinds = ["instance", "class"] if with_prior_preservation else ["instance"]
     pixels = [example[f"{kind}_images"] for kind in kinds for example in examples]
     input_ids = [example[f"{kind}_prompt_ids"] for kind in kinds for example in examples]
-    sizes = [example[f"{kind}_original_size"] for kind in kinds for example in examples]
-    crops = [example[f"{kind}_crop_top_left"] for kind in kinds for example in examples]
-    return {
-        "pixel_values": torch.stack(pixels).contiguous().float(),
-        "input_ids": torch.stack(input_ids),
-        "original_sizes": torch.tensor(sizes),
-        "crop_top_lefts": torch.tensor(crops),
-    }
+    batch = {"pixel_values": torch.stack(pixels).contiguous().float(), "input_ids": torch.stack(input_ids)}
+    if all(f"{kind}_original_size" in example for kind in kinds for example in examples):  # (DreamBoothDataset's)
+        sizes = [example[f"{kind}_original_size"] for kind in kinds for example in examples]
+        crops = [example[f"{kind}_crop_top_left"] for kind in kinds for example in examples]
+        batch.update(original_sizes=torch.tensor(sizes), crop_top_lefts=torch.tensor(crops))
+    return batch
 
 
 class EpochSampler(Sampler[int]):

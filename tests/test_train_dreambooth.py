@@ -376,17 +376,19 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     assert "--pretrained_model_name_or_path: no such directory" in message
 
 
-def test_sdxl_is_refused_clearly(script, capsys, tiny, tmp_path):
-    xl = tmp_path / "sdxl"
+def test_an_sdxl_refiner_is_refused_clearly(script, capsys, tiny, tmp_path):
+    """SDXL base models train (tests/test_train_families.py); a refiner has no first text encoder."""
+    xl = tmp_path / "sdxl-refiner"
     (xl / "unet").mkdir(parents=True)
-    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
+    (xl / "model_index.json").write_text(json.dumps(index))
     (xl / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
     message = refusal(
         script,
         capsys,
         ["--pretrained_model_name_or_path", str(xl), "--instance_data_dir", str(tiny["subject"])],
     )
-    assert "Stable Diffusion XL" in message and "not supported" in message
+    assert "it is an SDXL refiner" in message and "train the SDXL base model" in message
 
 
 def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import plugin
 from plugin.families import FAMILIES, NoiseOptions, family_of, family_of_folder
 from tests import tiny_pipes
+from tests.conftest import randomize
 from tests.dreambooth_fixtures import make_subject
 from tests.test_train_dreambooth import SINGLE, refusal, run
 
@@ -330,3 +331,35 @@ def test_sdxl_time_ids_say_each_image_original_size_and_crop(tmp_path):
     assert len(crops) > 1  # random crops move
     ids = batch["input_ids"]
     assert ids.shape == (1, 2 * pipe.tokenizer.model_max_length)  # both tokenizers' ids side by side
+
+
+def test_the_generic_held_out_measure_gives_sd_the_numbers_it_always_had(tmp_path):
+    """`plugin.families.denoising_loss` (SDXL, SD3, Flux) run on SD is `plugin.training.denoising_loss`:
+    one measure, whatever the family; and a flow-matching family's measure moves with its adapter."""
+    from plugin import families
+    from plugin.training import denoising_loss, load_rgb
+
+    pipe = tiny_pipes.sd(tmp_path)
+    images = [load_rgb(path) for path in sorted(make_subject(tmp_path / "subject", heldout=0).glob("*.png"))]
+    prompts = ["a sks circle", "a circle", "a sks circle"]
+    models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    generic = families.denoising_loss(FAMILIES["sd"], models, [pipe.tokenizer], pipe.scheduler, images, prompts,
+                                      RESOLUTION, seed=3, num_timesteps=2)  # fmt: skip
+    legacy = denoising_loss(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, images,
+                            prompts, RESOLUTION, num_timesteps=2, seed=3)  # fmt: skip
+    assert generic == legacy
+
+    flux = tiny_pipes.flux(tmp_path / "flux")
+    models = {"transformer": flux.transformer, "vae": flux.vae, "text_encoder": flux.text_encoder,
+              "text_encoder_2": flux.text_encoder_2}  # fmt: skip
+    tokenizers = [flux.tokenizer, flux.tokenizer_2]
+
+    def loss() -> float:
+        return FAMILIES["flux"].denoising_loss(models, tokenizers, flux.scheduler, images, prompts, RESOLUTION,
+                                               num_timesteps=2)  # fmt: skip
+
+    base = loss()
+    assert base == loss() and math.isfinite(base)
+    plugin.add_adapter(flux.transformer, plugin.AdapterConfig(method="lora", rank=4))
+    randomize(flux.transformer, std=0.1)
+    assert loss() != base
