@@ -90,7 +90,14 @@ def sdxl(folder: Path, cls=None, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        **{**UNET, "cross_attention_dim": 64},
+        # SDXL's order: attention in the low-resolution blocks, so its first up block (with an
+        # upsampler) has attention, which the file's sgm names depend on.
+        **{
+            **UNET,
+            "cross_attention_dim": 64,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        },
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
