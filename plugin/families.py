@@ -99,6 +99,11 @@ class StableDiffusion:
     def tokenizers(self) -> tuple[str, ...]:
         return tuple(TOKENIZER_OF[name] for name in self.text_encoders)
 
+    def text_encoder_targets(self, name: str, encoder: nn.Module) -> str | list[str]:
+        """Which layers of text encoder `name` get adapters (the script's text encoders): its attention
+        projections, in every layer whose output reaches the conditioning."""
+        return "attn"
+
     def sampling_scheduler(self, pipeline):
         """The scheduler validation and class images are sampled with: DPM-Solver++ (25 steps suffice)."""
         from diffusers import DPMSolverMultistepScheduler
@@ -248,6 +253,14 @@ class StableDiffusionXL(StableDiffusion):
 
     def generation_kwargs(self, resolution: int | None) -> dict:
         return {"height": resolution, "width": resolution} if resolution else {}
+
+    def text_encoder_targets(self, name, encoder):
+        """The first encoder gives its penultimate layer and no pooled output: an adapter on its last layer
+        would never train (and data-parallel training refuses parameters without gradients)."""
+        if name != "text_encoder":
+            return "attn"
+        layers = "|".join(str(i) for i in range(encoder.config.num_hidden_layers - 1))
+        return [rf"layers\.(?:{layers})\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"]
 
     def encode(self, text_encoders: Sequence[nn.Module], ids: Sequence[torch.Tensor]) -> Conditioning:
         """The penultimate hidden states of both encoders side by side; the last one's pooled projection."""

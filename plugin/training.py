@@ -164,7 +164,9 @@ def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> d
     pixels = [example[f"{kind}_images"] for kind in kinds for example in examples]
     input_ids = [example[f"{kind}_prompt_ids"] for kind in kinds for example in examples]
     batch = {"pixel_values": torch.stack(pixels).contiguous().float(), "input_ids": torch.stack(input_ids)}
-    if all(f"{kind}_original_size" in example for kind in kinds for example in examples):  # (DreamBoothDataset's)
+    if all(
+        f"{kind}_original_size" in example for kind in kinds for example in examples
+    ):  # (DreamBoothDataset's)
         sizes = [example[f"{kind}_original_size"] for kind in kinds for example in examples]
         crops = [example[f"{kind}_crop_top_left"] for kind in kinds for example in examples]
         batch.update(original_sizes=torch.tensor(sizes), crop_top_lefts=torch.tensor(crops))

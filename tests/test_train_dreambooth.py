@@ -615,3 +615,20 @@ def test_arguments_carried_over_from_diffusers_script_work(tiny, script, capsys)
     assert "add --no-train_text_encoder" in refusal(script, capsys, [*args, "--pre_compute_text_embeddings"])
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes is not installed" in refusal(script, capsys, [*args, "--use_8bit_adam"])
+
+
+def test_cache_latents_trains_the_same_adapter(tiny):
+    """--cache_latents encodes each image (crop) once and samples its posterior with the run's own
+    draws: the same adapter as encoding every step (to float rounding: one image at a time)."""
+    reference = reference_run(tiny, "lora")
+    output_dir = tiny["root"] / "cache-latents"
+    output = run(train_args(tiny, output_dir, "lora", "--cache_latents"))
+    # 3 instance and 2 class images of the resolution (one crop each); batches of 2, 1, 2, 1 (+ as many class).
+    assert "--cache_latents: 5 image crops encoded once, for 12 uses" in output
+    expected, cached = (
+        load_file(reference / "adapter.safetensors"),
+        load_file(output_dir / "adapter.safetensors"),
+    )
+    assert expected.keys() == cached.keys()
+    for key in expected:
+        torch.testing.assert_close(cached[key], expected[key], rtol=0, atol=1e-4)

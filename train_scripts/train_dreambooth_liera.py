@@ -1478,8 +1478,9 @@ def main(args: argparse.Namespace) -> dict:
     adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
     trained = {family.denoiser: denoiser}
     if args.train_text_encoder:
-        text_config = dataclasses.replace(adapter_config, targets="attn", conv_rank=None)
         for name in family.trainable_text_encoders:
+            targets = family.text_encoder_targets(name, text_encoders[name])
+            text_config = dataclasses.replace(adapter_config, targets=targets, conv_rank=None)
             adapted += plugin.add_adapter(text_encoders[name], text_config, ADAPTER_NAME)
             trained[name] = text_encoders[name]
     logger.info(
@@ -1741,12 +1742,15 @@ def main(args: argparse.Namespace) -> dict:
         mode_scale=args.mode_scale,
     )
     latent_cache: dict[bytes, torch.Tensor] = {}  # --cache_latents: image bytes -> VAE moments
+    cache_uses = 0
 
     def latent_distribution(pixels: torch.Tensor) -> DiagonalGaussianDistribution:
         """The VAE's posterior of a batch; with --cache_latents each image is encoded once (the same
         crop always gives the same posterior, so sampling it draws exactly what encoding would)."""
         if not args.cache_latents:
             return vae.encode(pixels).latent_dist
+        nonlocal cache_uses
+        cache_uses += len(pixels)
         moments = []
         for image in pixels:
             key = hashlib.sha1(image.float().cpu().numpy().tobytes()).digest()
@@ -1862,6 +1866,8 @@ def main(args: argparse.Namespace) -> dict:
             log_validation(training_pipeline(), args, accelerator, f"epoch-{epoch + 1:04d}", global_step)
     progress_bar.close()
     train_seconds = time.time() - loop_start
+    if args.cache_latents:
+        logger.info(f"--cache_latents: {len(latent_cache)} image crops encoded once, for {cache_uses} uses")
 
     # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
     # and measure the denoising losses with the adapter off (the base model) and on.
