@@ -246,10 +246,11 @@ def liera_pipeline_from(make, folder: Path):
 # --- which family, and what each refuses ---------------------------------------------------------
 
 
-def test_the_family_is_read_from_the_pipeline_configs(bases):
-    assert family_of_folder(bases["sdxl"]).name == "sdxl"
-    assert family_of_folder(bases["sd3"]).name == "sd3"
-    assert family_of_folder(bases["flux"]).name == "flux"
+def test_the_family_is_read_from_the_pipeline_configs(bases, script):
+    for family in MAKERS:
+        assert family_of_folder(bases[family]).name == family
+        # A hub id's configs are read through diffusers' loaders (here from a folder, the same calls).
+        assert script.hub_family(str(bases[family]), {"revision": None, "cache_dir": None}).name == family
     unet = {"_class_name": "UNet2DConditionModel"}
     assert family_of({"_class_name": "StableDiffusionPipeline"}, unet).name == "sd"
     assert family_of({}, {**unet, "addition_embed_type": "text_time"}).name == "sdxl"  # from the UNet alone

@@ -1023,8 +1023,8 @@ def hub_family(base: str, hub: dict):
     except OSError:
         model_index = {}
     for denoiser in ("unet", "transformer"):
-        try:
-            config = DiffusionPipeline.load_config(base, subfolder=denoiser, **hub)
+        try:  # (a model class reads config.json; a pipeline class would read model_index.json again)
+            config = diffusers.UNet2DConditionModel.load_config(base, subfolder=denoiser, **hub)
         except OSError:
             continue
         try:
