@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """DreamBooth with LieRA, FLoRA or LoRA adapters: diffusers' `train_dreambooth_lora.py`, adapted.
 
+It trains SD 1.x/2.x, SDXL, SD3 and Flux (as diffusers' `_sdxl`, `_sd3` and `_flux` scripts do), the
+family read from the pipeline; `plugin/families.py` holds what differs between them.
+
     accelerate launch train_scripts/train_dreambooth_liera.py     # toy base + shipped subject, CPU
 
     accelerate launch train_scripts/train_dreambooth_liera.py \\
@@ -335,8 +338,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--cache_latents",
         action="store_true",
-        help="Encode every training image with the VAE once, before training (the crops of the first epoch "
-        "are then kept: use with --center_crop or square images of --resolution).",
+        help="Encode each image crop with the VAE once and sample its posterior every step after (the same "
+        "draws as without). Random crops of images larger than --resolution are new crops: add --center_crop.",
     )
     train.add_argument("--dataloader_num_workers", type=int, default=0)
     train.add_argument(
