@@ -32,7 +32,6 @@ from .training import HELDOUT_KEY, crop_to_model_input, seeded_generator
 
 Conditioning = dict[str, torch.Tensor]  # per-example tensors the denoiser takes (batch first)
 TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers' SD3/Flux scripts
 
 
 @dataclass
@@ -45,7 +44,6 @@ class NoiseOptions:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    guidance_scale: float = 3.5  # Flux's guidance embedding during training
 
 
 @dataclass

@@ -115,7 +115,8 @@ FLOW_IDENTITY = (
     "guidance_scale",
     "max_sequence_length",
 )
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # as plugin.families
+# diffusers' `compute_density_for_timestep_sampling` and `compute_loss_weighting_for_sd3` (SD3, Flux).
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 # ---------------------------------------------------------------------------------------------
