@@ -177,7 +177,8 @@ def kohya_prefixes(models: Mapping[str, nn.Module]) -> dict[str, str]:
 def sgm_path(module_path: str, config) -> str:
     """The original (sgm) UNet's name of a diffusers SDXL UNet module: `down_blocks.1.attentions.0.proj_in`
     is `input_blocks.4.1.proj_in` (with SDXL's 2 layers a block), an up block's upsampler is the last
-    layer of its output block, after the attention if the block has one."""
+    layer of its output block, after the attention if the block has one. (diffusers' sgm reader takes
+    `output_blocks.N.1` for an attention: right for SDXL, whose upsampling blocks all have attention.)"""
     if module_path in SGM_TOP_LEVEL:
         return SGM_TOP_LEVEL[module_path]
     if not isinstance(config.layers_per_block, int):
