@@ -69,6 +69,7 @@ class StableDiffusion:
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)
     flow_matching = False
     default_weighting = None
+    vae_in_float32 = False  # under --mixed_precision the VAE runs in half precision too
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -243,6 +244,9 @@ class StableDiffusionXL(StableDiffusion):
     liera_pipeline = "LieraStableDiffusionXLPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
+    vae_in_float32 = (
+        True  # SDXL's VAE overflows in fp16 (NaN latents): diffusers' SDXL script keeps it float32
+    )
 
     def text_encoder_class(self, name: str):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -1042,7 +1042,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
     """The base pipeline (of the run's family) with some `components` replaced (the models being
     trained); the others are moved to `device` and `dtype`, which leaves the given ones (and their
     float32 adapters) alone."""
-    pipeline_class = getattr(diffusers, FAMILIES[args.family].pipeline_class)
+    family = FAMILIES[args.family]
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     pipeline = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
@@ -1052,7 +1053,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
     )
     for name, module in pipeline.components.items():
         if name not in components and isinstance(module, torch.nn.Module):
-            module.to(device, dtype=None if dtype == torch.float32 else dtype)
+            float32 = dtype == torch.float32 or (name == "vae" and family.vae_in_float32)
+            module.to(device, dtype=None if float32 else dtype)
     return pipeline
 
 
@@ -1468,7 +1470,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.mixed_precision, torch.float32
     )
     denoiser.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=torch.float32 if family.vae_in_float32 else weight_dtype)
     for text_encoder in text_encoders.values():
         text_encoder.requires_grad_(False)
         text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -1784,10 +1786,9 @@ def main(args: argparse.Namespace) -> dict:
                 NOISE_KEY, args.seed, epoch * len(train_dataloader) + step, accelerator.process_index
             )
             with accelerator.accumulate(*trained.values()):
-                pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
-                latents = family.to_latents(
-                    vae, latent_distribution(pixel_values).sample(generator=generator)
-                )
+                pixel_values = batch["pixel_values"].to(dtype=vae.dtype)
+                posterior = latent_distribution(pixel_values)
+                latents = family.to_latents(vae, posterior.sample(generator=generator)).to(weight_dtype)
                 noised = family.noised(noise_scheduler, latents, generator, noise_options)
                 if prompt_embeddings is None:
                     conditioning = encode(batch["input_ids"], text_encoders)
