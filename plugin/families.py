@@ -88,12 +88,12 @@ class StableDiffusion:
 
         return DDPMScheduler
 
-    def resolution_multiple(self, config) -> int:
-        """What a latent side must be a multiple of: the UNet's downsamplings."""
-        return 2 ** (len(config.block_out_channels) - 1)
+    def resolution_multiple(self, config: Mapping) -> int:
+        """What a latent side must be a multiple of (`config`: the denoiser's): the UNet's downsamplings."""
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
-    def default_resolution(self, config, vae_scale_factor: int) -> int:
-        return config.sample_size * vae_scale_factor
+    def default_resolution(self, config: Mapping, vae_scale_factor: int) -> int:
+        return config["sample_size"] * vae_scale_factor
 
     def tokenizers(self) -> tuple[str, ...]:
         return tuple(TOKENIZER_OF[name] for name in self.text_encoders)
@@ -341,8 +341,8 @@ class StableDiffusion3(StableDiffusion):
     def denoising_loss(self, *args, **kwargs) -> float:
         return denoising_loss(self, *args, **kwargs)
 
-    def resolution_multiple(self, config) -> int:
-        return config.patch_size
+    def resolution_multiple(self, config):
+        return config["patch_size"]
 
     def max_length(self, index, tokenizer, max_length):
         """The T5 tokenizer (the last) pads to the family's sequence length (or --max_sequence_length,

@@ -1427,6 +1427,16 @@ def main(args: argparse.Namespace) -> dict:
     if refusal:
         raise SystemExit(refusal)
     logger.info(f"Base model: {family.title} ({family.pipeline_class})")
+    # The training resolution, from the configs: class images are drawn at it, before any weights load.
+    vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+    denoiser_config = family.denoiser_class().load_config(base, subfolder=family.denoiser, **hub)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    multiple = vae_scale_factor * family.resolution_multiple(denoiser_config)
+    args.resolution = args.resolution or family.default_resolution(denoiser_config, vae_scale_factor)
+    if args.resolution % multiple:
+        raise SystemExit(
+            f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}"
+        )
 
     set_seed(args.seed)
     if args.with_prior_preservation:
@@ -1456,13 +1466,6 @@ def main(args: argparse.Namespace) -> dict:
     denoiser = family.denoiser_class().from_pretrained(
         base, subfolder=family.denoiser, variant=args.variant, **hub
     )
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    multiple = vae_scale_factor * family.resolution_multiple(denoiser.config)
-    args.resolution = args.resolution or family.default_resolution(denoiser.config, vae_scale_factor)
-    if args.resolution % multiple:
-        raise SystemExit(
-            f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}"
-        )
 
     vae.requires_grad_(False)
     denoiser.requires_grad_(False)
