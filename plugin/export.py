@@ -33,6 +33,26 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # Module paths whose diffusers name readers mangle: use the original (sgm) name, as kohya does.
 SGM_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+# SDXL files name the UNet's modules as the original (sgm) UNet does, as kohya's SDXL LoRAs do: A1111
+# converts diffusers-style names with SD 1.x's block layout (wrong for SDXL's first up block, which has
+# attention: its upsampler would be missed), ComfyUI and diffusers read sgm names for SDXL directly.
+SGM_TOP_LEVEL = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+SGM_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 # transformers 5's CLIPTextModel dropped its `text_model.` level; LoRA files keep it (`lora_te_text_model_...`).
 CLIP_TEXT_MODEL_PARTS = ("embeddings.", "encoder.", "final_layer_norm")
 
@@ -154,6 +174,53 @@ def kohya_prefixes(models: Mapping[str, nn.Module]) -> dict[str, str]:
     return SDXL_PREFIXES if "text_encoder_2" in models else PREFIXES
 
 
+def sgm_path(module_path: str, config) -> str:
+    """The original (sgm) UNet's name of a diffusers SDXL UNet module: `down_blocks.1.attentions.0.proj_in`
+    is `input_blocks.4.1.proj_in` (with SDXL's 2 layers a block), an up block's upsampler is the last
+    layer of its output block, after the attention if the block has one. (diffusers' sgm reader takes
+    `output_blocks.N.1` for an attention: right for SDXL, whose upsampling blocks all have attention.)"""
+    if module_path in SGM_TOP_LEVEL:
+        return SGM_TOP_LEVEL[module_path]
+    if not isinstance(config.layers_per_block, int):
+        raise ValueError(
+            f"unet.{module_path}: no sgm name for per-block layer counts {config.layers_per_block}"
+        )
+    per_block = (
+        config.layers_per_block + 1
+    )  # an input block's layers and its downsampler; an output block's layers
+    parts = module_path.split(".")
+
+    def inner(kind: str, rest: list[str]) -> str:
+        if kind == "resnets" and rest[0] in SGM_RESNET_PARTS:
+            rest = [SGM_RESNET_PARTS[rest[0]], *rest[1:]]
+        return ".".join(rest)
+
+    if parts[0] == "down_blocks" and len(parts) > 4:
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * per_block}.0.op"
+        return f"input_blocks.{1 + block * per_block + index}.{int(kind == 'attentions')}.{inner(kind, rest)}"
+    if parts[0] == "mid_block" and len(parts) > 3:
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        return f"middle_block.{1 if kind == 'attentions' else 2 * index}.{inner(kind, rest)}"
+    if parts[0] == "up_blocks" and len(parts) > 4:
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":
+            attention = config.up_block_types[block].startswith("CrossAttn")
+            return (
+                f"output_blocks.{block * per_block + per_block - 1}.{2 if attention else 1}.{'.'.join(rest)}"
+            )
+        return f"output_blocks.{block * per_block + index}.{int(kind == 'attentions')}.{inner(kind, rest)}"
+    raise ValueError(f"unet.{module_path} has no name in the original SDXL UNet (sgm) that LoRA files use")
+
+
+def module_key(prefixes: Mapping[str, str], component: str, module_path: str, model: nn.Module) -> str:
+    """A module's key in a kohya file: sgm names for an SDXL UNet (see SGM_TOP_LEVEL), `kohya_name` else."""
+    if prefixes is SDXL_PREFIXES and component == "unet":
+        return "lora_unet_" + sgm_path(module_path, model.config).replace(".", "_")
+    return kohya_name(prefixes[component], module_path)
+
+
 def adapted_modules(
     models: Mapping[str, nn.Module], adapter_name: str, layout: str, prefixes: Mapping[str, str] | None = None
 ) -> list[tuple[str, str, AdaptedLayer]]:
@@ -202,7 +269,7 @@ def lora_state_dict(
     if kohya:
         prefixes = kohya_prefixes(models)
         work = [
-            (kohya_name(prefixes[component], path), layer)
+            (module_key(prefixes, component, path, models[component]), layer)
             for component, path, layer in adapted_modules(models, adapter_name, "kohya LoRA", prefixes)
         ]
     else:
@@ -330,7 +397,7 @@ def kohya_modules(
     for component, path, layer in adapted_modules(models, adapter_name, layout, prefixes):
         adapter = layer.adapters[adapter_name]
         _require(layer, adapter, f"{component}.{path}", composition, backend, layout)
-        found.append((kohya_name(prefixes[component], path), layer, adapter))
+        found.append((module_key(prefixes, component, path, models[component]), layer, adapter))
     return found
 
 

@@ -10,7 +10,7 @@ existing adapter parameters so the optimizer keeps pointing at them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,14 @@ def to_model_input(
     diffusers' DreamBooth transforms (Resize, CenterCrop/RandomCrop, ToTensor, Normalize), without
     torchvision, and with the random crop drawn from `rng` so it is reproducible.
     """
+    return crop_to_model_input(image, resolution, center_crop, rng)[0]
+
+
+def crop_to_model_input(
+    image: Image.Image, resolution: int, center_crop: bool, rng: np.random.Generator | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`to_model_input`, and the crop's top-left corner (top, left) in the resized image: SDXL
+    conditions on it (its `crops_coords_top_left`)."""
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -68,7 +76,7 @@ def to_model_input(
         left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
 def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> torch.Tensor:
@@ -85,6 +93,8 @@ class DreamBoothDataset(Dataset):
     instance image `i % n_instance` with class image `i % n_class`. Images are decoded once; random
     crops depend on (seed, epoch, index) only, so call `set_epoch` (accelerate's dataloader does).
     `instance_prompts` (one per instance image) replaces `instance_prompt` with per-image captions.
+    `tokenize` (a prompt to one row of ids) replaces `tokenizer` for models with several tokenizers.
+    Each example also says its image's original (height, width) and crop (top, left): SDXL's time ids.
     """
 
     def __init__(
@@ -99,7 +109,13 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         tokenizer_max_length: int | None = None,
         instance_prompts: Sequence[str] | None = None,
+        tokenize: Callable[[str], torch.Tensor] | None = None,
     ):
+        if tokenize is None:
+
+            def tokenize(prompt: str) -> torch.Tensor:
+                return tokenize_prompt(tokenizer, prompt, tokenizer_max_length)
+
         self.instance_images = [load_rgb(path) for path in instance_images]
         self.class_images = [load_rgb(path) for path in class_images or []]
         if instance_prompts is not None and len(instance_prompts) != len(self.instance_images):
@@ -109,13 +125,9 @@ class DreamBoothDataset(Dataset):
         # Each distinct prompt is tokenised once; image i uses row `self.prompt_rows[i]`.
         prompts = list(instance_prompts or [instance_prompt] * len(self.instance_images))
         distinct = list(dict.fromkeys(prompts))
-        self.instance_prompt_ids = torch.cat(
-            [tokenize_prompt(tokenizer, prompt, tokenizer_max_length) for prompt in distinct]
-        )
+        self.instance_prompt_ids = torch.cat([tokenize(prompt) for prompt in distinct])
         self.prompt_rows = [distinct.index(prompt) for prompt in prompts]
-        self.class_prompt_ids = (
-            tokenize_prompt(tokenizer, class_prompt, tokenizer_max_length) if self.class_images else None
-        )
+        self.class_prompt_ids = tokenize(class_prompt) if self.class_images else None
         self.resolution, self.center_crop, self.seed, self.epoch = resolution, center_crop, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -127,31 +139,38 @@ class DreamBoothDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([CROP_KEY, self.seed, self.epoch, index])
         i = index % len(self.instance_images)
+        image = self.instance_images[i]
+        pixels, crop = crop_to_model_input(image, self.resolution, self.center_crop, rng)
         example = {
-            "instance_images": to_model_input(
-                self.instance_images[i], self.resolution, self.center_crop, rng
-            ),
+            "instance_images": pixels,
             "instance_prompt_ids": self.instance_prompt_ids[self.prompt_rows[i]],
+            "instance_original_size": (image.height, image.width),
+            "instance_crop_top_left": crop,
         }
         if self.class_images:
             image = self.class_images[index % len(self.class_images)]
-            example["class_images"] = to_model_input(image, self.resolution, self.center_crop, rng)
+            pixels, crop = crop_to_model_input(image, self.resolution, self.center_crop, rng)
+            example["class_images"] = pixels
             example["class_prompt_ids"] = self.class_prompt_ids[0]
+            example["class_original_size"] = (image.height, image.width)
+            example["class_crop_top_left"] = crop
         return example
 
 
 def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> dict[str, torch.Tensor]:
     """Stack a batch; with prior preservation the class examples follow the instance ones, so one
     forward pass serves both and the loss splits the batch in halves (as in diffusers)."""
-    pixels = [example["instance_images"] for example in examples]
-    input_ids = [example["instance_prompt_ids"] for example in examples]
-    if with_prior_preservation:
-        pixels += [example["class_images"] for example in examples]
-        input_ids += [example["class_prompt_ids"] for example in examples]
-    return {
-        "pixel_values": torch.stack(pixels).contiguous().float(),
-        "input_ids": torch.stack(input_ids),
-    }
+    kinds = ["instance", "class"] if with_prior_preservation else ["instance"]
+    pixels = [example[f"{kind}_images"] for kind in kinds for example in examples]
+    input_ids = [example[f"{kind}_prompt_ids"] for kind in kinds for example in examples]
+    batch = {"pixel_values": torch.stack(pixels).contiguous().float(), "input_ids": torch.stack(input_ids)}
+    if all(
+        f"{kind}_original_size" in example for kind in kinds for example in examples
+    ):  # (DreamBoothDataset's)
+        sizes = [example[f"{kind}_original_size"] for kind in kinds for example in examples]
+        crops = [example[f"{kind}_crop_top_left"] for kind in kinds for example in examples]
+        batch.update(original_sizes=torch.tensor(sizes), crop_top_lefts=torch.tensor(crops))
+    return batch
 
 
 class EpochSampler(Sampler[int]):

@@ -126,6 +126,13 @@ def test_sdxl_all_layers_export_with_te1_te2_and_sgm_names(tmp_path):
     keys = {m.key for m in report}
     assert any(k.startswith("lora_te1_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     assert "lora_unet_label_emb_0_0" in keys  # add_embedding.linear_1, as kohya names it for SDXL
+    # Every UNet module in the original UNet's (sgm) names, as kohya's SDXL files: what A1111 and ComfyUI
+    # read. The upsampler follows the attention of its block (A1111's SD 1.x rule would miss it).
+    unet_keys = {k for k in keys if k.startswith("lora_unet_")}
+    assert not any(part in k for k in unet_keys for part in ("down_blocks", "mid_block", "up_blocks"))
+    assert {"lora_unet_output_blocks_1_2_conv", "lora_unet_input_blocks_2_0_op", "lora_unet_input_blocks_0_0",
+            "lora_unet_out_2", "lora_unet_time_embed_0", "lora_unet_input_blocks_3_1_proj_in",
+            "lora_unet_middle_block_2_out_layers_3"} <= unet_keys  # fmt: skip
     assert {"lora_te1_text_model_encoder_layers_1_mlp_fc2", "lora_te2_text_projection"} <= keys
     assert peft_deltas(reference, XL_PARTS).keys() == our_deltas(pipe, XL_PARTS).keys()
     torch.testing.assert_close(tiny.generate(reference), ours, atol=1e-4, rtol=0)
@@ -133,6 +140,47 @@ def test_sdxl_all_layers_export_with_te1_te2_and_sgm_names(tmp_path):
         kohya_name("lora_unet_", "down_blocks.0.attentions.0.proj_in")
         == "lora_unet_down_blocks_0_attentions_0_proj_in"
     )
+
+
+def test_sgm_names_of_the_real_sdxl_unet_are_what_diffusers_maps_back(tmp_path):
+    """On SDXL's published config (built on the meta device): every Linear/Conv module has one sgm name,
+    the known anchors are right, and diffusers' own converter (sgm blocks, then kohya key) maps each
+    name back to the module it came from."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_unet_lora_key,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    from plugin.export import sgm_path
+    from tests.conftest import ROOT
+
+    config = json.loads((ROOT / "assets" / "configs" / "sdxl_unet.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    paths = [p for p, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    names = {path: sgm_path(path, unet.config) for path in paths}
+    assert len(set(names.values())) == len(paths)
+    anchors = {
+        "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
+        "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+        "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+        "down_blocks.1.attentions.0.proj_in": "input_blocks.4.1.proj_in",
+        "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+        "up_blocks.2.resnets.2.conv_shortcut": "output_blocks.8.0.skip_connection",
+        "down_blocks.2.resnets.0.time_emb_proj": "input_blocks.7.0.emb_layers.1",
+    }
+    assert {path: names[path] for path in anchors} == anchors
+    state = {f"lora_unet_{name.replace('.', '_')}.lora_down.weight": path for path, name in names.items()}
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(state), unet.config)
+    back = set()
+    for key in mapped:  # as `_convert_non_diffusers_lora_to_diffusers` calls it, then PEFT's module names
+        name = _convert_unet_lora_key(key).replace(".processor", "")
+        for short, full in [("to_q_lora", "to_q.lora"), ("to_k_lora", "to_k.lora"), ("to_v_lora", "to_v.lora"),
+                            ("to_out_lora", "to_out.0.lora")]:  # fmt: skip
+            name = name.replace(short, full)
+        back.add(name.split(".lora.")[0])
+    assert back == set(paths)
 
 
 def test_export_refuses_fused_adapters_and_unknown_names(tmp_path):

@@ -376,17 +376,19 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     assert "--pretrained_model_name_or_path: no such directory" in message
 
 
-def test_sdxl_is_refused_clearly(script, capsys, tiny, tmp_path):
-    xl = tmp_path / "sdxl"
+def test_an_sdxl_refiner_is_refused_clearly(script, capsys, tiny, tmp_path):
+    """SDXL base models train (tests/test_train_families.py); a refiner has no first text encoder."""
+    xl = tmp_path / "sdxl-refiner"
     (xl / "unet").mkdir(parents=True)
-    (xl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}
+    (xl / "model_index.json").write_text(json.dumps(index))
     (xl / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
     message = refusal(
         script,
         capsys,
         ["--pretrained_model_name_or_path", str(xl), "--instance_data_dir", str(tiny["subject"])],
     )
-    assert "Stable Diffusion XL" in message and "not supported" in message
+    assert "it is an SDXL refiner" in message and "train the SDXL base model" in message
 
 
 def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
@@ -645,3 +647,20 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     assert "--conv_learning_rate must be positive, got 0" in refusal(
         script, capsys, [*args, "--conv_learning_rate", "0"]
     )
+
+
+def test_cache_latents_trains_the_same_adapter(tiny):
+    """--cache_latents encodes each image (crop) once and samples its posterior with the run's own
+    draws: the same adapter as encoding every step (to float rounding: one image at a time)."""
+    reference = reference_run(tiny, "lora")
+    output_dir = tiny["root"] / "cache-latents"
+    output = run(train_args(tiny, output_dir, "lora", "--cache_latents"))
+    # 3 instance and 2 class images of the resolution (one crop each); batches of 2, 1, 2, 1 (+ as many class).
+    assert "--cache_latents: 5 image crops encoded once, for 12 uses" in output
+    expected, cached = (
+        load_file(reference / "adapter.safetensors"),
+        load_file(output_dir / "adapter.safetensors"),
+    )
+    assert expected.keys() == cached.keys()
+    for key in expected:
+        torch.testing.assert_close(cached[key], expected[key], rtol=0, atol=1e-4)

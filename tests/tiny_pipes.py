@@ -1,4 +1,4 @@
-"""Tiny real diffusers pipelines (SD and SDXL) built from configs with random weights, nothing downloaded."""
+"""Tiny real diffusers pipelines (SD, SDXL, SD3, Flux) built from configs with random weights, nothing downloaded."""
 
 import json
 from pathlib import Path
@@ -90,7 +90,14 @@ def sdxl(folder: Path, cls=None, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        **{**UNET, "cross_attention_dim": 64},
+        # SDXL's order: attention in the low-resolution blocks, so its first up block (with an
+        # upsampler) has attention, which the file's sgm names depend on.
+        **{
+            **UNET,
+            "cross_attention_dim": 64,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        },
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=8 * 6 + 32,
@@ -106,6 +113,101 @@ def sdxl(folder: Path, cls=None, seed: int = 0):
         add_watermarker=False,
     )
     pipe = (cls or StableDiffusionXLPipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def t5_tokenizer(folder: Path):
+    """A T5 (Unigram) tokenizer over single letters, built with `tokenizers`: T5's own can't be downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(letter, -2.0) for letter in "abcdefghijklmnopqrstuvwxyz"]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+        model_max_length=32,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
+def t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=32, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
+    )  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def flow_vae() -> AutoencoderKL:
+    """SD3's and Flux's VAE layout: 16 latent channels, a shift, no quant convs."""
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def sd3(folder: Path, cls=None, seed: int = 0):
+    """A tiny SD3 pipeline: two CLIPs with projections, a T5, a 2-block MMDiT on 16-channel latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+    )  # fmt: skip
+    components = dict(
+        transformer=transformer,
+        vae=flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(text_config(projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=32)),
+        text_encoder_3=t5(64),
+        tokenizer=tokenizer(folder / "tokenizer"),
+        tokenizer_2=tokenizer(folder / "tokenizer_2"),
+        tokenizer_3=t5_tokenizer(folder / "tokenizer_3"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    pipe = (cls or StableDiffusion3Pipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux(folder: Path, cls=None, seed: int = 0):
+    """A tiny Flux pipeline: CLIP (pooled) and T5, one double and one single block on packed 16-channel
+    latents, with the guidance embedding of guidance-distilled models (Flux-dev)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    )  # fmt: skip
+    components = dict(
+        transformer=transformer,
+        vae=flow_vae(),
+        text_encoder=CLIPTextModel(text_config()),
+        text_encoder_2=t5(32),
+        tokenizer=tokenizer(folder / "tokenizer"),
+        tokenizer_2=t5_tokenizer(folder / "tokenizer_2"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+    )
+    pipe = (cls or FluxPipeline)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """DreamBooth with LieRA, FLoRA or LoRA adapters: diffusers' `train_dreambooth_lora.py`, adapted.
 
+It trains SD 1.x/2.x, SDXL, SD3 and Flux (as diffusers' `_sdxl`, `_sd3` and `_flux` scripts do), the
+family read from the pipeline; `plugin/families.py` holds what differs between them.
+
     accelerate launch train_scripts/train_dreambooth_liera.py     # toy base + shipped subject, CPU
 
     accelerate launch train_scripts/train_dreambooth_liera.py \\
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -107,6 +111,17 @@ RUN_IDENTITY = (
 )  # fmt: skip
 RELORA_KEY = 5  # the first key of a restart's seed (plugin.training's keys are 1-4)
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
+# Flow matching's settings (SD3, Flux) are part of a run's identity too.
+FLOW_IDENTITY = (
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "guidance_scale",
+    "max_sequence_length",
+)
+# diffusers' `compute_density_for_timestep_sampling` and `compute_loss_weighting_for_sd3` (SD3, Flux).
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +131,8 @@ DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the c
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with LieRA, FLoRA or LoRA adapters.",
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux with LieRA, FLoRA or "
+        "LoRA adapters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("base model and data (diffusers' names)")
@@ -124,7 +140,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         default=str(DEFAULT_BASE),
-        help="Path to a diffusers Stable Diffusion 1.x/2.x folder, or a model id from huggingface.co/models.",
+        help="Path to a diffusers Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux folder, or a model id from "
+        "huggingface.co/models (the model family is read from its model_index.json and denoiser config).",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
     model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
@@ -301,6 +318,37 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is usual)."
     )
     train.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the noise offset.")
+    flow = parser.add_argument_group("flow matching (SD3, Flux; diffusers' names)")
+    flow.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default=None,
+        choices=WEIGHTING_SCHEMES,
+        help="Timestep density and loss weighting. Default: logit_normal for SD3, none for Flux (as diffusers).",
+    )
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
+    flow.add_argument(
+        "--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme."
+    )
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
+    flow.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="Flux: the guidance embedding's value during training (guidance-distilled models). Default 3.5.",
+    )
+    flow.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 prompt length (SD3, Flux). Default: 77 for SD3, 512 for Flux (capped by the tokenizer's).",
+    )
+    train.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode each image crop with the VAE once and sample its posterior every step after (the same "
+        "draws as without). Random crops of images larger than --resolution are new crops: add --center_crop.",
+    )
     train.add_argument("--dataloader_num_workers", type=int, default=0)
     train.add_argument(
         "--mixed_precision",
@@ -637,7 +685,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         candidates = [Path(args.resume_from_checkpoint), Path(args.output_dir, args.resume_from_checkpoint)]
         if not any((path / ADAPTER_FILENAME).is_file() for path in candidates):
             parser.error(f"--resume_from_checkpoint: no checkpoint at {args.resume_from_checkpoint}")
-    _check_base_model(parser, args.pretrained_model_name_or_path)
+    _check_base_model(parser, args)
     check_output_dir(parser, args)
 
     if args.validation_epochs is not None:
@@ -663,7 +711,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def run_identity(args: argparse.Namespace) -> dict:
     """The run's RUN_IDENTITY settings, as JSON values."""
-    return json.loads(json.dumps({key: getattr(args, key, None) for key in RUN_IDENTITY}, default=str))
+    identity = {key: getattr(args, key, None) for key in RUN_IDENTITY}
+    if getattr(args, "family", None) in ("sd3", "flux"):
+        identity.update({key: getattr(args, key, None) for key in FLOW_IDENTITY})
+    return json.loads(json.dumps(identity, default=str))
 
 
 def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
@@ -843,27 +894,12 @@ def image_caption(image: Path, captions: dict) -> str | None:
     return str(caption).strip() if caption else None
 
 
-def sdxl_reason(model_index: dict, unet_config: dict) -> str | None:
-    """Why a base model is SDXL (which this script does not train yet), or None."""
-    name = model_index.get("_class_name", "")
-    if "XL" in name:
-        return f"model_index.json names {name}"
-    if "text_encoder_2" in model_index:
-        return "it has a second text encoder"
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "its UNet takes SDXL's text_time embeddings"
-    return None
+def _check_base_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A local base must be a diffusers folder of a family this script trains (plugin.families), and the
+    arguments must suit that family; a hub id is checked once its config is read (`main`)."""
+    from plugin.families import FAMILIES, family_of_folder
 
-
-def sdxl_message(path: str, reason: str) -> str:
-    return (
-        f"--pretrained_model_name_or_path: {path} is a Stable Diffusion XL model ({reason}). This script "
-        "trains Stable Diffusion 1.x/2.x; SDXL is not supported yet."
-    )
-
-
-def _check_base_model(parser: argparse.ArgumentParser, name: str) -> None:
-    """A local base must be a diffusers folder, and not SDXL. A hub id is checked once its config is read."""
+    name, args.family = args.pretrained_model_name_or_path, None
     path = Path(name)
     if path.is_file():
         parser.error(
@@ -874,16 +910,37 @@ def _check_base_model(parser: argparse.ArgumentParser, name: str) -> None:
         if name.startswith((".", "/", "~")) or name.count("/") != 1 or path == DEFAULT_BASE:
             parser.error(f"--pretrained_model_name_or_path: no such directory: {name}")
         return  # a hub id like "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    if not (path / "unet" / "config.json").is_file():
-        parser.error(
-            f"--pretrained_model_name_or_path: {name} is not a diffusers pipeline folder (no unet/config.json)"
-        )
-    model_index = (
-        json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
-    )
-    reason = sdxl_reason(model_index, json.loads((path / "unet" / "config.json").read_text()))
-    if reason:
-        parser.error(sdxl_message(name, reason))
+    try:
+        args.family = family_of_folder(path).name
+    except ValueError as error:
+        parser.error(f"--pretrained_model_name_or_path: {name}: {error}")
+    refusal = family_refusal(FAMILIES[args.family], args)
+    if refusal:
+        parser.error(refusal)
+
+
+def family_refusal(family, args: argparse.Namespace) -> str | None:
+    """What the arguments ask that `family` (a plugin.families object) can't do, naming both; fills the
+    family's defaults of the flow-matching arguments."""
+    if family.flow_matching:
+        for flag in ("snr_gamma", "noise_offset"):
+            if getattr(args, flag):
+                return (
+                    f"--{flag} is for DDPM models (SD 1.x/2.x, SDXL); {family.title} trains with flow matching "
+                    "(see --weighting_scheme)"
+                )
+        if args.guidance_scale is not None and family.name != "flux":
+            return f"--guidance_scale is Flux's guidance embedding; {family.title} has none"
+        args.weighting_scheme = args.weighting_scheme or family.default_weighting
+        if family.name == "flux" and args.guidance_scale is None:
+            args.guidance_scale = 3.5
+        return None
+    for flag in ("weighting_scheme", "guidance_scale", "max_sequence_length"):
+        if getattr(args, flag) is not None:
+            return (
+                f"--{flag} is for flow-matching models (SD3, Flux); {family.title} is trained with DDPM noise"
+            )
+    return None
 
 
 def adapter_config_from(args: argparse.Namespace, base_model: str | None):
@@ -917,28 +974,22 @@ if __name__ == "__main__":
 import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import ProjectConfiguration, set_seed  # noqa: E402
-from diffusers import (  # noqa: E402
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DiffusionPipeline  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import compute_snr  # noqa: E402
 from diffusers.utils import make_image_grid  # noqa: E402
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoTokenizer, CLIPTextModel  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 import plugin  # noqa: E402
+from plugin.families import FAMILIES, TOKENIZER_OF, NoiseOptions, family_of  # noqa: E402
 from plugin.procedures import (  # noqa: E402
     mpc_penalty,
     restart,
@@ -952,11 +1003,9 @@ from plugin.training import (  # noqa: E402
     EpochSampler,
     collate_fn,
     copy_adapter_tensors,
-    denoising_loss,
     largest_weight_change,
     list_images,
     load_rgb,
-    prediction_target,
     seeded_generator,
 )
 
@@ -980,12 +1029,31 @@ def accelerator_is_cpu_cluster() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
 
 
-def load_pipeline(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, **components
-) -> StableDiffusionPipeline:
-    """The base pipeline with some `components` replaced (the models being trained); the others
-    are moved to `device` and `dtype`, which leaves the given ones (and their float32 adapters) alone."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
+def hub_family(base: str, hub: dict):
+    """The family of a hub model, from its model_index.json and its denoiser's config."""
+    try:
+        model_index = DiffusionPipeline.load_config(base, **hub)
+    except OSError:
+        model_index = {}
+    for denoiser in ("unet", "transformer"):
+        try:  # (a model class reads config.json; a pipeline class would read model_index.json again)
+            config = diffusers.UNet2DConditionModel.load_config(base, subfolder=denoiser, **hub)
+        except OSError:
+            continue
+        try:
+            return family_of(model_index, config)
+        except ValueError as error:
+            raise SystemExit(f"--pretrained_model_name_or_path: {base}: {error}") from error
+    raise SystemExit(f"--pretrained_model_name_or_path: {base} has no unet/ or transformer/ config")
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, **components):
+    """The base pipeline (of the run's family) with some `components` replaced (the models being
+    trained); the others are moved to `device` and `dtype`, which leaves the given ones (and their
+    float32 adapters) alone."""
+    family = FAMILIES[args.family]
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline = pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
@@ -994,7 +1062,8 @@ def load_pipeline(
     )
     for name, module in pipeline.components.items():
         if name not in components and isinstance(module, torch.nn.Module):
-            module.to(device, dtype=None if dtype == torch.float32 else dtype)
+            float32 = dtype == torch.float32 or (name == "vae" and family.vae_in_float32)
+            module.to(device, dtype=None if float32 else dtype)
     return pipeline
 
 
@@ -1053,7 +1122,8 @@ def generate_images(
         precision
     ]
     pipeline = load_pipeline(args, accelerator.device, dtype)
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    family = FAMILIES[args.family]
+    pipeline.scheduler = family.sampling_scheduler(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {folder}")
     starts = list(range(0, missing, args.sample_batch_size))
@@ -1065,7 +1135,10 @@ def generate_images(
             ]
             prompts = [args.class_prompt] * batch
             images = pipeline(
-                prompts, num_inference_steps=args.prior_generation_steps, generator=generators
+                prompts,
+                num_inference_steps=args.prior_generation_steps,
+                generator=generators,
+                **family.generation_kwargs(args.resolution),
             ).images
             for i, image in enumerate(images):
                 image.save(folder / f"{existing + start + i:05d}-generated.png")
@@ -1074,7 +1147,7 @@ def generate_images(
 
 
 def log_validation(
-    pipeline: StableDiffusionPipeline,
+    pipeline: diffusers.DiffusionPipeline,
     args: argparse.Namespace,
     accelerator: Accelerator,
     name: str,
@@ -1082,7 +1155,8 @@ def log_validation(
 ) -> list[Image.Image]:
     """Generate --num_validation_images per validation prompt with fixed seeds (the same at every
     call, so grids compare) and save them as validation/<name>.png, one row per prompt."""
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    family = FAMILIES[args.family]
+    pipeline.scheduler = family.sampling_scheduler(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     count = args.num_validation_images
     images = []
@@ -1090,7 +1164,10 @@ def log_validation(
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
         with torch.no_grad(), accelerator.autocast():  # mixed precision: the adapters stay float32
             images += pipeline(
-                [prompt] * count, num_inference_steps=args.validation_inference_steps, generator=generators
+                [prompt] * count,
+                num_inference_steps=args.validation_inference_steps,
+                generator=generators,
+                **family.generation_kwargs(args.resolution),
             ).images
     folder = Path(args.output_dir, "validation")
     folder.mkdir(parents=True, exist_ok=True)
@@ -1206,25 +1283,23 @@ def parameter_groups(
 def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: argparse.Namespace) -> float:
     """The largest output difference between the models as trained and the base with the saved file
     loaded, on a fixed random input: a file must reproduce its training, whatever the procedure."""
-    unet, generator = pipeline.unet, torch.Generator().manual_seed(0)
-    size = args.resolution // pipeline.vae_scale_factor
-    sample = torch.randn(1, unet.config.in_channels, size, size, generator=generator)
-    hidden = torch.randn(1, 8, unet.config.cross_attention_dim, generator=generator)
-    inputs = {
-        "unet": (
-            sample.to(unet.device, unet.dtype),
-            torch.tensor([500], device=unet.device),
-            hidden.to(unet.device, unet.dtype),
-        ),
-        "text_encoder": (
-            pipeline.tokenizer(args.class_prompt or "a photo", return_tensors="pt").input_ids.to(unet.device),
-        ),
-    }
+    family = FAMILIES[args.family]
+    denoiser = getattr(pipeline, family.denoiser)
+    device, dtype = denoiser.device, denoiser.dtype
+    sample, timestep, conditioning = family.probe(denoiser, args.resolution, pipeline.vae_scale_factor)
+    conditioning = {key: value.to(device, dtype) for key, value in conditioning.items()}
     largest = 0.0
     for name, model in trained.items():
         loaded, mode = getattr(pipeline, name), model.training
         model.eval()
-        ours, theirs = model(*inputs[name])[0], loaded(*inputs[name])[0]
+        if name == family.denoiser:
+            noisy, t = sample.to(device, dtype), timestep.to(device)
+            ours = family.predict(model, noisy, t, conditioning)
+            theirs = family.predict(loaded, noisy, t, conditioning)
+        else:
+            tokenizer = getattr(pipeline, TOKENIZER_OF[name])
+            ids = tokenizer(args.class_prompt or "a photo", return_tensors="pt").input_ids.to(device)
+            ours, theirs = model(ids)[0], loaded(ids)[0]
         model.train(mode)
         largest = max(largest, (ours.float() - theirs.float()).abs().max().item())
     return largest
@@ -1253,6 +1328,14 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     metrics = {
         k: "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else v for k, v in metrics.items()
     }
+    family = FAMILIES[args.family]
+    if family.liera_pipeline:
+        loading = f'from pipelines import {family.liera_pipeline}\n\npipe = {family.liera_pipeline}.from_pretrained("{base}")'
+    else:
+        loading = (
+            f"from diffusers import {family.pipeline_class}\nfrom pipelines import enable_liera\n\n"
+            f'pipe = enable_liera({family.pipeline_class}.from_pretrained("{base}"))'
+        )
     # The Hub's card metadata, written by huggingface_hub (the YAML header the Hub's pages read).
     data = ModelCardData(
         base_model=base,
@@ -1269,13 +1352,11 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
 Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
 "{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
 learning rate {args.learning_rate}{conv_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
-scale {args.scale}, targets `{args.targets}`), text encoder adapted: {args.train_text_encoder}.
+scale {args.scale}, targets `{args.targets}`), text encoders adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
 
 ```python
-from pipelines import LieraStableDiffusionPipeline
-
-pipe = LieraStableDiffusionPipeline.from_pretrained("{base}")
+{loading}
 pipe.load_adapter("{args.output_dir}")
 image = pipe("{args.validation_prompt}").images[0]
 ```
@@ -1347,17 +1428,25 @@ def main(args: argparse.Namespace) -> dict:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # A hub model is checked for SDXL here, from its config, before any weights are loaded.
+    # The model family (a hub model's is read here, from its configs, before any weights are loaded).
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet", **hub)
-    try:
-        model_index = StableDiffusionPipeline.load_config(base, **hub)
-    except OSError:
-        model_index = {}
-    reason = sdxl_reason(model_index, unet_config)
-    if reason:
-        raise SystemExit(sdxl_message(base, reason))
+    family = FAMILIES[args.family] if args.family else hub_family(base, hub)
+    args.family = family.name
+    refusal = family_refusal(family, args)
+    if refusal:
+        raise SystemExit(refusal)
+    logger.info(f"Base model: {family.title} ({family.pipeline_class})")
+    # The training resolution, from the configs: class images are drawn at it, before any weights load.
+    vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
+    denoiser_config = family.denoiser_class().load_config(base, subfolder=family.denoiser, **hub)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    multiple = vae_scale_factor * family.resolution_multiple(denoiser_config)
+    args.resolution = args.resolution or family.default_resolution(denoiser_config, vae_scale_factor)
+    if args.resolution % multiple:
+        raise SystemExit(
+            f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}"
+        )
 
     set_seed(args.seed)
     if args.with_prior_preservation:
@@ -1375,64 +1464,72 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
 
     # Load the base model; only the adapters will train.
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **hub)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **hub)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **hub)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **hub)
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor
-    multiple = vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % multiple:
-        raise SystemExit(
-            f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}"
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=name, **hub) for name in family.tokenizers()]
+    noise_scheduler = family.noise_scheduler_class().from_pretrained(base, subfolder="scheduler", **hub)
+    text_encoders = {
+        name: family.text_encoder_class(name).from_pretrained(
+            base, subfolder=name, variant=args.variant, **hub
         )
+        for name in family.text_encoders
+    }
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **hub)
+    denoiser = family.denoiser_class().from_pretrained(
+        base, subfolder=family.denoiser, variant=args.variant, **hub
+    )
 
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    denoiser.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=torch.float32 if family.vae_in_float32 else weight_dtype)
+    for text_encoder in text_encoders.values():
+        text_encoder.requires_grad_(False)
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        denoiser.enable_xformers_memory_efficient_attention()
 
     # The adapters: zero-initialised (the model starts exactly at the base), float32, trainable.
     # Same seed on every process, so data-parallel ranks start identical.
     torch.manual_seed(args.seed)
     adapter_config = adapter_config_from(args, base_model=display_name(base))
-    adapted = plugin.add_adapter(unet, adapter_config, ADAPTER_NAME)
-    trained = {"unet": unet}
+    adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
+    trained = {family.denoiser: denoiser}
     if args.train_text_encoder:
-        text_config = dataclasses.replace(adapter_config, targets="attn", conv_rank=None)
-        adapted += plugin.add_adapter(text_encoder, text_config, ADAPTER_NAME)
-        trained["text_encoder"] = text_encoder
+        for name in family.trainable_text_encoders:
+            targets = family.text_encoder_targets(name, text_encoders[name])
+            text_config = dataclasses.replace(adapter_config, targets=targets, conv_rank=None)
+            adapted += plugin.add_adapter(text_encoders[name], text_config, ADAPTER_NAME)
+            trained[name] = text_encoders[name]
     logger.info(
-        f"{args.adapter} adapters on {len(adapted)} layers: "
+        f"{args.adapter} adapters on {len(adapted)} layers of {', '.join(trained)}: "
         f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters"
     )
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        denoiser.enable_gradient_checkpointing()
+        for name in trained:
+            if name != family.denoiser:
+                text_encoders[name].gradient_checkpointing_enable()
 
-    def training_pipeline() -> StableDiffusionPipeline:
+    def unwrapped() -> dict[str, torch.nn.Module]:
+        """The denoiser and text encoders, adapters included, by their pipeline names."""
+        models = {name: accelerator.unwrap_model(model) for name, model in text_encoders.items()}
+        return {family.denoiser: accelerator.unwrap_model(denoiser), **models}
+
+    def training_pipeline():
         """The base pipeline around the models being trained, adapters included, for validation."""
-        models = {
-            "unet": accelerator.unwrap_model(unet),
-            "text_encoder": accelerator.unwrap_model(text_encoder),
-        }
-        return load_pipeline(args, accelerator.device, weight_dtype, **models, vae=vae, tokenizer=tokenizer)
+        tokenizer_components = dict(zip(family.tokenizers(), tokenizers))
+        return load_pipeline(
+            args, accelerator.device, weight_dtype, **unwrapped(), vae=vae, **tokenizer_components
+        )
+
+    names_of = {id(model): name for name, model in trained.items()}
 
     def components_of(models: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
-        found = {}
-        for model in models:
-            model = accelerator.unwrap_model(model)
-            found["unet" if isinstance(model, UNet2DConditionModel) else "text_encoder"] = model
-        return found
+        return {
+            names_of[id(accelerator.unwrap_model(model))]: accelerator.unwrap_model(model) for model in models
+        }
 
     # Checkpoints hold the adapter as a liera/1 or liera/2 file (not pickled model weights): these hooks
     # replace accelerate's model saving and loading.
@@ -1485,10 +1582,21 @@ def main(args: argparse.Namespace) -> dict:
         eps=args.adam_epsilon,
     )
 
+    # Prompts to ids (several tokenizers: their ids side by side) and ids to the denoiser's conditioning.
+    text_length = args.max_sequence_length if family.flow_matching else args.tokenizer_max_length
+
+    def tokenize(prompt: str) -> torch.Tensor:
+        return family.tokenize(tokenizers, prompt, text_length)
+
+    def encode(ids: torch.Tensor, models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+        rows = family.split_ids(tokenizers, ids, text_length)
+        return family.encode([models[name] for name in family.text_encoders], rows)
+
     train_dataset = DreamBoothDataset(
         instance_images=args.train_images,
         instance_prompt=args.instance_prompt,
-        tokenizer=tokenizer,
+        tokenizer=tokenizers[0],
+        tokenize=tokenize,
         resolution=args.resolution,
         center_crop=args.center_crop,
         class_images=list_images(args.class_data_dir)[: args.num_class_images]
@@ -1508,8 +1616,11 @@ def main(args: argparse.Namespace) -> dict:
             ids.append(train_dataset.class_prompt_ids)
         ids = torch.cat(ids)
         with torch.no_grad():
-            hidden = text_encoder(ids.to(accelerator.device))[0]
-        prompt_embeddings = {tuple(row): h for row, h in zip(ids.tolist(), hidden)}
+            encoded = encode(ids.to(accelerator.device), text_encoders)
+        prompt_embeddings = {
+            tuple(row): {key: value[i] for key, value in encoded.items()}
+            for i, row in enumerate(ids.tolist())
+        }
 
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1544,9 +1655,12 @@ def main(args: argparse.Namespace) -> dict:
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, jagged)
 
     prepared = accelerator.prepare(*trained.values(), optimizer, train_dataloader, lr_scheduler)
-    unet = prepared[0]
-    if args.train_text_encoder:
-        text_encoder = prepared[1]
+    trained_names = list(trained)  # the models as the loop calls them (DDP-wrapped when distributed)
+    for name, model in zip(trained_names, prepared):
+        if name == family.denoiser:
+            denoiser = model
+        else:
+            text_encoders[name] = model
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
@@ -1580,25 +1694,24 @@ def main(args: argparse.Namespace) -> dict:
     heldout_images = [load_rgb(path) for path in args.heldout_images]
     heldout = HeldoutTrack()
 
+    def family_loss(
+        models: dict, tokenizers: list, images: list[Image.Image], prompts: str | list[str]
+    ) -> float:
+        """The held-out measure's denoising loss (plugin.training.denoising_loss) for this family."""
+        return family.denoising_loss(
+            models, tokenizers, noise_scheduler, images, prompts, args.resolution, seed=args.seed,
+            max_length=text_length, guidance_scale=args.guidance_scale or 0.0,
+        )  # fmt: skip
+
     def evaluate_heldout(step: int) -> None:
-        models = [accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)]
-        modes = [model.training for model in models]
-        for model in models:
+        models = unwrapped()
+        modes = {name: model.training for name, model in models.items()}
+        for model in models.values():
             model.eval()
         with accelerator.autocast():
-            loss = denoising_loss(
-                models[0],
-                vae,
-                models[1],
-                tokenizer,
-                noise_scheduler,
-                heldout_images,
-                args.heldout_prompts,
-                args.resolution,
-                seed=args.seed,
-            )
-        for model, mode in zip(models, modes):
-            model.train(mode)
+            loss = family_loss({**models, "vae": vae}, tokenizers, heldout_images, args.heldout_prompts)
+        for name, model in models.items():
+            model.train(modes[name])
         tensors = training_state(trained, ADAPTER_NAME) if args.keep_best_heldout else None
         heldout.add(step, loss, tensors)
         accelerator.log({"heldout_loss": loss}, step=step)
@@ -1639,6 +1752,33 @@ def main(args: argparse.Namespace) -> dict:
     if validation and global_step == 0 and accelerator.is_main_process:
         log_validation(training_pipeline(), args, accelerator, "before", step=0)
 
+    noise_options = NoiseOptions(
+        noise_offset=args.noise_offset,
+        snr_gamma=args.snr_gamma,
+        weighting_scheme=args.weighting_scheme,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+    )
+    latent_cache: dict[bytes, torch.Tensor] = {}  # --cache_latents: image bytes -> VAE moments
+    cache_uses = 0
+
+    def latent_distribution(pixels: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The VAE's posterior of a batch; with --cache_latents each image is encoded once (the same
+        crop always gives the same posterior, so sampling it draws exactly what encoding would)."""
+        if not args.cache_latents:
+            return vae.encode(pixels).latent_dist
+        nonlocal cache_uses
+        cache_uses += len(pixels)
+        moments = []
+        for image in pixels:
+            key = hashlib.sha1(image.float().cpu().numpy().tobytes()).digest()
+            if key not in latent_cache:
+                with torch.no_grad():
+                    latent_cache[key] = vae.encode(image[None]).latent_dist.parameters
+            moments.append(latent_cache[key])
+        return DiagonalGaussianDistribution(torch.cat(moments))
+
     progress_bar = tqdm(
         range(args.max_train_steps),
         initial=global_step,
@@ -1648,9 +1788,8 @@ def main(args: argparse.Namespace) -> dict:
     step_losses = []  # of the batches accumulated into the current step
     loop_start = time.time()
     for epoch in range(first_epoch, args.num_train_epochs):
-        unet.train()
-        if args.train_text_encoder:
-            text_encoder.train()
+        for name in trained_names:
+            (denoiser if name == family.denoiser else text_encoders[name]).train()
         skipped = resume_batches if epoch == first_epoch else 0
         loader = accelerator.skip_first_batches(train_dataloader, skipped) if skipped else train_dataloader
         loader.set_epoch(epoch)
@@ -1660,38 +1799,21 @@ def main(args: argparse.Namespace) -> dict:
                 NOISE_KEY, args.seed, epoch * len(train_dataloader) + step, accelerator.process_index
             )
             with accelerator.accumulate(*trained.values()):
-                pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=generator)
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=generator)
-                if args.noise_offset:
-                    noise += args.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-                noise = noise.to(latents.device, latents.dtype)
-                bsz = latents.shape[0]
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator
-                ).to(latents.device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                pixel_values = batch["pixel_values"].to(dtype=vae.dtype)
+                posterior = latent_distribution(pixel_values)
+                latents = family.to_latents(vae, posterior.sample(generator=generator)).to(weight_dtype)
+                noised = family.noised(noise_scheduler, latents, generator, noise_options)
                 if prompt_embeddings is None:
-                    encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                    conditioning = encode(batch["input_ids"], text_encoders)
                 else:
-                    rows = batch["input_ids"].tolist()
-                    encoder_hidden_states = torch.stack([prompt_embeddings[tuple(row)] for row in rows])
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                target = prediction_target(noise_scheduler, latents, noise, timesteps)
-
-                if args.snr_gamma is None:
-                    weights = torch.ones(bsz, device=latents.device)
-                else:
-                    # Min-SNR weighting (https://arxiv.org/abs/2303.09556), as in diffusers.
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    weights = torch.clamp(snr, max=args.snr_gamma) / snr
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        weights = weights + 1
-                per_example = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
-                    dim=(1, 2, 3)
+                    rows = [prompt_embeddings[tuple(row)] for row in batch["input_ids"].tolist()]
+                    conditioning = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+                extras = family.extras(
+                    batch["original_sizes"], batch["crop_top_lefts"], args.resolution, args.guidance_scale
                 )
-                per_example = per_example * weights
+                conditioning.update({key: value.to(latents.device) for key, value in extras.items()})
+                model_pred = family.predict(denoiser, noised.noisy, noised.timesteps, conditioning)
+                per_example = family.per_example_loss(model_pred, noised)
                 if args.with_prior_preservation:
                     instance_loss, prior_loss = torch.chunk(per_example, 2)
                     loss = instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
@@ -1762,6 +1884,8 @@ def main(args: argparse.Namespace) -> dict:
             log_validation(training_pipeline(), args, accelerator, f"epoch-{epoch + 1:04d}", global_step)
     progress_bar.close()
     train_seconds = time.time() - loop_start
+    if args.cache_latents:
+        logger.info(f"--cache_latents: {len(latent_cache)} image crops encoded once, for {cache_uses} uses")
 
     # Save the adapter, then check the file: load it into a fresh pipeline, make the final images
     # and measure the denoising losses with the adapter off (the base model) and on.
@@ -1800,16 +1924,15 @@ def main(args: argparse.Namespace) -> dict:
         )
         logger.info(f"Saved the adapter to {adapter_path}")
         pipeline = load_pipeline(args, accelerator.device, weight_dtype)
-        plugin.load_adapter(adapter_path, {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})
+        loaded = {name: getattr(pipeline, name) for name in trained}
+        plugin.load_adapter(adapter_path, loaded)
         file_difference = saved_file_difference(
             {name: accelerator.unwrap_model(model) for name, model in trained.items()}, pipeline, args
         )
         logger.info(
             f"The saved file reproduces the trained model to {file_difference:.2e} (largest output difference)"
         )
-        changed_most, weight_change = largest_weight_change(
-            {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
-        )
+        changed_most, weight_change = largest_weight_change(loaded)
         message = f"Largest weight change: {weight_change:.3g} x ||W|| at {changed_most}"
         if weight_change > 1:
             logger.warning(
@@ -1823,23 +1946,15 @@ def main(args: argparse.Namespace) -> dict:
         def before_after(images: list[Image.Image], prompts: str | list[str]) -> tuple[float, float]:
             """The denoising loss of the base model and of the saved adapter: same images, timesteps, noise."""
             losses_of = []
+            models = {
+                name: getattr(pipeline, name) for name in (family.denoiser, "vae", *family.text_encoders)
+            }
+            tokenizers_of = [getattr(pipeline, name) for name in family.tokenizers()]
             for enabled in [False, True]:
-                plugin.enable_adapters(pipeline.unet, enabled)
-                plugin.enable_adapters(pipeline.text_encoder, enabled)
+                for model in loaded.values():
+                    plugin.enable_adapters(model, enabled)
                 with accelerator.autocast():
-                    losses_of.append(
-                        denoising_loss(
-                            pipeline.unet,
-                            pipeline.vae,
-                            pipeline.text_encoder,
-                            pipeline.tokenizer,
-                            noise_scheduler,
-                            images,
-                            prompts,
-                            args.resolution,
-                            seed=args.seed,
-                        )
-                    )
+                    losses_of.append(family_loss(models, tokenizers_of, images, prompts))
             return losses_of[0], losses_of[1]
 
         train_images = [load_rgb(path) for path in args.train_images]
