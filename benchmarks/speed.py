@@ -5,6 +5,9 @@
     python benchmarks/speed.py --device cuda       # 64x64 latents on a GPU
     python benchmarks/speed.py --contenders peft-lora liera-tucker-exp --rounds 3
     python benchmarks/speed.py --device cuda --batch 4 --mixed_precision bf16 --name speed_cuda_bf16
+    python benchmarks/speed.py --config assets/configs/sdxl_unet.json --device cuda --mixed_precision bf16 \
+        --latent-size 128 --gradient-checkpointing --contenders peft-lora lora flora liera-tucker-exp \
+        --name memory_sdxl_1024           # SDXL at 1024x1024, batch 1: what fits on a 24 GB GPU
 
 Every contender adapts the same modules of a UNet built from `--config` with random weights (seed 0):
 the attention projections and the resnet/sampler convolutions (this library's `attn+conv` preset,
@@ -23,7 +26,9 @@ passed by name to PEFT and LyCORIS). Each contender runs in its own fresh proces
 
 `--mixed_precision bf16|fp16` trains as diffusers' scripts and this project's script do: the base (and
 the untouched copy timed beside it) in half precision, every library's adapter in float32, the forward
-under `torch.autocast`.
+under `torch.autocast`. A UNet with SDXL's added conditioning (`addition_embed_type: text_time`) gets
+random pooled text embeddings and time ids beside the context; `--gradient-checkpointing` recomputes
+activations in the backward, as users fit SDXL in 24 GB.
 
 On the CPU, times are the worker's CPU time by default (`--clock cpu`): on a machine shared with other
 work, wall time mostly measures the wait for a core. Use `--threads 1` there as well.
@@ -184,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="torch.compile the adapted UNet and the base it is timed against (inductor; the warm-up steps "
         "absorb the compilation). Compare with a run without it for compiled vs eager.",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="Recompute the UNet's activations in backward."
     )
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps before each measurement.")
     parser.add_argument("--steps", type=int, default=5, help="Timed training steps.")
@@ -431,8 +439,21 @@ def build_unet(config_path: str):
     from diffusers import UNet2DConditionModel
 
     config = json.loads(Path(config_path).read_text())
-    config.pop("_class_name", None)
-    return UNet2DConditionModel(**config)
+    return UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def added_conditioning(config, batch: int, generator) -> dict | None:
+    """SDXL's added conditioning (pooled text embeddings and six time ids per image), random; None for
+    a UNet without it."""
+    import torch
+
+    if config.addition_embed_type != "text_time":
+        return None
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {
+        "text_embeds": torch.randn(batch, pooled, generator=generator),
+        "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1),
+    }
 
 
 def target_names(unet, preset: str = "attn+conv") -> list[str]:
@@ -465,6 +486,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     context = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
     context = context.to(device, half)
     timesteps = torch.full((args.batch,), 500, device=device)
+    added = added_conditioning(unet.config, args.batch, generator)
+    if added is not None:
+        added = {name: tensor.to(device, half) for name, tensor in added.items()}
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     targets = target_names(unet, options.get("targets", "attn+conv"))
 
     # Memory baseline: the built models, before the adapter exists.
@@ -488,7 +514,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     def train_step() -> None:
         with autocast:
-            prediction = model(latents, timesteps, context, return_dict=False)[0]
+            prediction = model(latents, timesteps, context, added_cond_kwargs=added, return_dict=False)[0]
         torch.nn.functional.mse_loss(prediction.float(), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -501,16 +527,15 @@ def run_worker(args: argparse.Namespace) -> dict:
     unet.eval()
 
     clock = args.clock
+    conditioning = {"added_cond_kwargs": added, "return_dict": False}
 
     def alternate(model) -> tuple[list[float], list[float]]:
         """Inference steps of `model` and of the base, one after the other."""
         ours, base = [], []
         with torch.no_grad(), autocast:
             for i in range(args.warmup + args.infer_steps):
-                t_base = timed(
-                    lambda: reference(latents, timesteps, context, return_dict=False), device, clock
-                )
-                t_model = timed(lambda: model(latents, timesteps, context, return_dict=False), device, clock)
+                t_base = timed(lambda: reference(latents, timesteps, context, **conditioning), device, clock)
+                t_model = timed(lambda: model(latents, timesteps, context, **conditioning), device, clock)
                 if i >= args.warmup:
                     base.append(t_base)
                     ours.append(t_model)
@@ -537,6 +562,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "params": sum(p.numel() for p in params),
         "trainable_dtypes": sorted({str(p.dtype) for p in params}),
         "base_dtype": str(unet.conv_in.weight.dtype),
+        "gradient_checkpointing": unet.is_gradient_checkpointing,
         "train_step_s": median(train_times),
         "train_steps_s": train_times,
         "peak_mib": peak,
@@ -559,7 +585,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
 # What a worker's numbers depend on: runs with other values are never mixed by --resume.
 MEASUREMENT_SETTINGS = (
-    "config", "device", "mixed_precision", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
+    "config", "device", "mixed_precision", "gradient_checkpointing", "latent_size", "batch", "threads", "clock", "malloc_tuning", "warmup", "steps",
     "infer_steps", "load_repeats", "compile",
 )  # fmt: skip
 
@@ -742,7 +768,8 @@ def tables(
     return "\n\n".join(
         [
             f"UNet `{Path(args.config).name}` (random weights), batch {args.batch}, {args.latent_size}x{args.latent_size} "
-            f"latents, {args.device}, {PRECISION_WORDS[args.mixed_precision]}; {', '.join(map(str, modules))} adapted modules per contender (attention projections and resnet/"
+            f"latents, {args.device}, {PRECISION_WORDS[args.mixed_precision]}"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; {', '.join(map(str, modules))} adapted modules per contender (attention projections and resnet/"
             f"sampler convolutions). Medians of {args.steps} training / {args.infer_steps} inference steps after "
             f"{args.warmup} warm-up, {args.rounds} round(s); times are {CLOCK_WORDS[args.clock]}; glibc malloc "
             f"{'tuned (`GLIBC_TUNABLES=' + GLIBC_TUNABLES + '`)' if args.malloc_tuning else 'at its defaults'}. Base model "

@@ -86,6 +86,26 @@ def test_speed_benchmark_trains_float32_adapters_on_a_bf16_base(tiny_config, tmp
     assert "base in bfloat16, adapters in float32" in (tmp_path / "speed.md").read_text()
 
 
+@needs_proc
+def test_speed_benchmark_runs_an_sdxl_unet_with_gradient_checkpointing(tmp_path):
+    from tests import tiny_pipes
+
+    tiny_pipes.sdxl(tmp_path / "sdxl").unet.save_config(tmp_path / "sdxl-unet")
+    argv = ["--config", str(tmp_path / "sdxl-unet" / "config.json"), *TINY_SPEED, "--in-process", "--no-plot"]
+    argv += [
+        "--output-dir",
+        str(tmp_path),
+        "--gradient-checkpointing",
+        "--contenders",
+        "peft-lora",
+        "liera-tucker-exp",
+    ]
+    payload = speed.main(argv)
+    for run in payload["runs"].values():
+        assert run[0]["train_step_s"] > 0 and run[0]["modules"] > 0 and run[0]["gradient_checkpointing"]
+    assert "gradient checkpointing" in (tmp_path / "speed.md").read_text()
+
+
 def test_speed_worker_runs_in_its_own_process(tiny_config):
     args = speed.parse_args(["--config", str(tiny_config), *TINY_SPEED])
     result = speed.spawn_worker(args, "liera-tucker-exp", ["--config", str(tiny_config), *TINY_SPEED])
