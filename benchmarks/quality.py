@@ -151,6 +151,7 @@ RECIPES: dict[str, str] = {
     "liera-linearmap": "--lie_map linear --conv_learning_rate 5e-3",
     **{f"liera-conv{lr}": f"--conv_learning_rate {lr}" for lr in ("1e-3", "5e-4", "2e-4")},
     "liera-lr3e-3-conv5e-4": "--learning_rate 3e-3 --conv_learning_rate 5e-4",
+    "flora-old-defaults": "--conv_learning_rate 3e-3",
     **{f"flora-conv{lr}": f"--conv_learning_rate {lr}" for lr in ("1e-3", "5e-4")},
 }
 VIEWS = 4  # training views per subject, and held-out views
@@ -532,6 +533,23 @@ def judged(judge: Judge, folder: Path, index: int, adapter: Path | None) -> tupl
     return scores, samples
 
 
+def weight_change(judge: Judge, folder: Path, metrics: dict) -> float:
+    """The run's largest `||W' - W|| / ||W||` over its adapted layers: the script's own number, or,
+    for runs older than that number, measured on the adapter file."""
+    if metrics.get("largest_relative_weight_change") is not None:
+        return metrics["largest_relative_weight_change"]
+    import plugin
+    from plugin.training import largest_weight_change
+
+    models = {"unet": judge.pipe.unet, "text_encoder": judge.pipe.text_encoder}
+    plugin.load_adapter(folder / "adapter.safetensors", models, "measured")
+    try:
+        return largest_weight_change(models)[1]
+    finally:
+        for model in models.values():
+            plugin.delete_adapters(model, "measured")
+
+
 def adapter_parameters(path: Path) -> int:
     """Trainable parameters of an adapter file: every tensor but the scales."""
     import math
@@ -567,7 +585,9 @@ REPORTED = (
     ("rate_unseen", "unseen bgs ↑", "{:.2f}"),
     ("shape_kept", "shape kept ↑", "{:.2f}"),
     ("background_kept", "background kept ↑", "{:.2f}"),
+    ("weight_change", "largest ‖W'−W‖/‖W‖ (max) ↓", "{:.3g}"),
 )
+LARGEST = {"weight_change"}  # reported as the largest over the runs, not their mean
 
 
 def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -580,6 +600,9 @@ def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
     for group_key, group in groups.items():
         row = {**dict(zip(keys, group_key)), "runs": len(group), "seeds": len({r["seed"] for r in group})}
         for key, _, _ in REPORTED:
+            if key in LARGEST:
+                row[key], row[f"{key}_std"] = max(r[key] for r in group), 0.0
+                continue
             row[key] = sum(r[key] for r in group) / len(group)
             by_seed: dict[int, list[float]] = {}
             for r in group:
@@ -598,7 +621,8 @@ def table(rows: list[dict], keys: tuple[str, ...]) -> str:
         ]
         for key, _, fmt in REPORTED:
             mean, std = fmt.format(row[key]), fmt.format(row[f"{key}_std"]).lstrip("+")
-            cells.append(mean if key == "params" or row["seeds"] < 2 else f"{mean} ± {std}")
+            plain = key == "params" or key in LARGEST or row["seeds"] < 2
+            cells.append(mean if plain else f"{mean} ± {std}")
         body.append(cells)
     return markdown_table(headers, body, "l" * len(keys) + "r" * (1 + len(REPORTED)))
 
@@ -750,6 +774,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "params": adapter_parameters(folder / "adapter.safetensors"),
                 "steps": metrics.get("steps"),
                 "train_time_s": metrics.get("train_loop_time_s"),
+                "weight_change": weight_change(judge, folder, metrics),
                 **scores,
                 **relative(scores, base(index)[0]),
             }  # fmt: skip

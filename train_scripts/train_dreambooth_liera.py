@@ -87,7 +87,7 @@ DEFAULT_LEARNING_RATES = {
 # otherwise (benchmarks/results/quality_conv_rate.md). A Tucker update multiplies five trained tensors
 # and grows faster than a two-factor one; under W ⊙ exp(sD) its largest entries then grow exponentially:
 # at one rate liera's mid-block convs changed by up to 2e14 times their norm.
-DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10}
+DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10, "flora": 3}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
