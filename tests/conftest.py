@@ -1,5 +1,6 @@
 """Shared small models: built from configs with random weights, nothing downloaded."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+DREAMBOOTH_SCRIPT = ROOT / "train_scripts" / "train_dreambooth_liera.py"
 
 TINY_UNET = dict(
     sample_size=8,
@@ -55,3 +57,16 @@ def randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 2) -> None:
         for name, param in model.named_parameters():
             if ".adapters." in name:
                 param.add_(std * torch.randn(param.shape, generator=generator).to(param))
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+    """The DreamBooth script as a module, run from an empty directory: the default --output_dir is
+    relative, and this checkout's own outputs/ (from `make train`) must not count as an earlier run."""
+    spec = importlib.util.spec_from_file_location("train_dreambooth_liera", DREAMBOOTH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield module
+    os.chdir(cwd)

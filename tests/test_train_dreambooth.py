@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import plugin
+from tests.conftest import DREAMBOOTH_SCRIPT
 from tests.dreambooth_fixtures import RESOLUTION, build_tiny_pipeline, make_subject
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "train_scripts" / "train_dreambooth_liera.py"
+SCRIPT = DREAMBOOTH_SCRIPT
 CPU_2PROC = ROOT / "train_scripts" / "accelerate_cpu_2proc.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SINGLE = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -291,19 +292,6 @@ def test_denoising_loss_takes_one_prompt_or_one_per_image(tiny):
 
 
 # --- bad arguments: refused while parsing, before torch and diffusers are even imported ---------
-
-
-@pytest.fixture(scope="module")
-def script(tmp_path_factory):
-    """The script as a module, run from an empty directory: the default --output_dir is relative, and
-    this checkout's own outputs/ (from `make train`) must not count as an earlier run."""
-    spec = importlib.util.spec_from_file_location("train_dreambooth_liera", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield module
-    os.chdir(cwd)
 
 
 def refusal(script, capsys, argv: list[str]) -> str:

@@ -284,22 +284,6 @@ def test_arguments_a_family_cannot_use_are_refused_naming_it(bases, script, caps
     assert script.parse_args(args("sdxl")).family == "sdxl"
 
 
-@pytest.fixture(scope="module")
-def script(tmp_path_factory):
-    import importlib.util
-    import os
-
-    from tests.test_train_dreambooth import SCRIPT
-
-    spec = importlib.util.spec_from_file_location("train_dreambooth_liera", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("cwd"))
-    yield module
-    os.chdir(cwd)
-
-
 def test_sdxl_time_ids_say_each_image_original_size_and_crop(tmp_path):
     """The dataset records (height, width) before resizing and the crop's (top, left); SDXL's time ids
     are those and the target size, as diffusers' SDXL script conditions on them."""
