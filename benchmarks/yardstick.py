@@ -404,6 +404,7 @@ def main(argv=None) -> dict:
     command += "" if args.captions == "instance" else f" --captions {args.captions}"
     command += "" if args.recipe == "unet" else f" --recipe {args.recipe}"
     command += "" if args.name == "yardstick" else f" --name {args.name}"
+    command += f" --indices {' '.join(map(str, args.indices))}" if args.indices else ""
     write_markdown(out / f"{args.name}.md", "DreamBooth yardstick on the toy base", env, body, command)
     grid_rows = [
         (
