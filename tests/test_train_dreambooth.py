@@ -251,7 +251,7 @@ def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny):
     output_dir = tiny["root"] / "keep-best"
     output = run(train_args(tiny, output_dir, "liera", "--keep_best_heldout", "--validation_steps", "1",
                             "--checkpointing_steps", "1", "--max_train_steps", "3", "--learning_rate", "0.3",
-                            "--num_drift_images", "0"))  # fmt: skip
+                            "--conv_learning_rate", "0.3", "--num_drift_images", "0"))  # fmt: skip
     metrics = json.loads((output_dir / "metrics.json").read_text())
     curve = metrics["heldout_curve"]
     assert [step for step, _ in curve] == [0, 1, 2, 3]
