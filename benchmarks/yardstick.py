@@ -187,6 +187,10 @@ def train(
         truncation=True,
         return_tensors="pt",
     ).input_ids
+    frozen_cond = None
+    if not recipe["text_encoder"]:  # a frozen text encoder: its embeddings once, not every step
+        with torch.no_grad():
+            frozen_cond = text_encoder(ids)[0]
     instances, classes = torch.arange(len(images)), len(images) + torch.arange(len(class_images))
     g = torch.Generator().manual_seed(args.seed)
     losses = []
@@ -207,8 +211,7 @@ def train(
         noisy = noise_scheduler.add_noise(latents, noise, t)
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
-        with torch.set_grad_enabled(recipe["text_encoder"]):
-            cond = text_encoder(ids[idx])[0]
+        cond = text_encoder(ids[idx])[0] if frozen_cond is None else frozen_cond[idx]
         pred = unet(noisy, t, cond).sample
         # The instance and the class halves weigh the same (diffusers' prior_loss_weight 1).
         per_image = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))

@@ -42,14 +42,17 @@ def text_config(**kwargs) -> CLIPTextConfig:
     )
 
 
-def vae() -> AutoencoderKL:
+def vae(**overrides) -> AutoencoderKL:
     return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
+        **{
+            "block_out_channels": (8, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": 32,
+            **overrides,
+        }
     )
 
 
@@ -148,13 +151,8 @@ def t5(d_model: int):
 
 def flow_vae() -> AutoencoderKL:
     """SD3's and Flux's VAE layout: 16 latent channels, a shift, no quant convs."""
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+    return vae(
         latent_channels=16,
-        norm_num_groups=8,
-        sample_size=32,
         shift_factor=0.0609,
         scaling_factor=1.5035,
         use_quant_conv=False,
