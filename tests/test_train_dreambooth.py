@@ -637,6 +637,34 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     )
 
 
+def test_text_encoder_lr_gives_the_text_encoder_a_group_of_its_own(script, capsys, tiny):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.conftest import TINY_UNET
+
+    unet = UNet2DConditionModel(**TINY_UNET)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    )
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
+        plugin.add_adapter(model, plugin.AdapterConfig(method="liera", rank=2), "default")
+    trained = {"unet": unet, "text_encoder": text_encoder}
+    unet_linear, unet_conv, text = script.parameter_groups(trained, 5e-3, 1e-3, 2e-4)
+    assert (unet_linear["lr"], unet_conv["lr"], text["lr"]) == (5e-3, 1e-3, 2e-4)
+    in_text_encoder = {id(p) for p in text_encoder.parameters() if p.requires_grad}
+    assert in_text_encoder and {id(p) for p in text["params"]} == in_text_encoder
+    (everything,) = script.parameter_groups({"text_encoder": text_encoder}, 5e-3)
+    assert {id(p) for p in everything["params"]} == in_text_encoder
+
+    args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    assert script.parse_args(args).text_encoder_lr is None
+    assert "--text_encoder_lr must be positive, got -1" in refusal(
+        script, capsys, [*args, "--text_encoder_lr", "-1"]
+    )
+
+
 def test_cache_latents_trains_the_same_adapter(tiny):
     """--cache_latents encodes each image (crop) once and samples its posterior with the run's own
     draws: the same adapter as encoding every step (to float rounding: one image at a time)."""

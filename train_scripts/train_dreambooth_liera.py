@@ -103,7 +103,7 @@ RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
     "instance_captions", "train_images", "class_prompt", "with_prior_preservation",
     "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
-    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "scale_lr", "lr_scheduler",
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
@@ -287,6 +287,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(f"{n} ({method})" for method, n in DEFAULT_CONV_LEARNING_RATE_DIVISORS.items())
         + ", 1 for the other presets (a Tucker update multiplies five trained tensors, so it grows faster "
         "than a two-factor one at the same rate).",
+    )
+    train.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="Learning rate of the text encoders (with --train_text_encoder), as diffusers' SDXL script "
+        "has it. Default: --learning_rate.",
     )
     train.add_argument(
         "--scale_lr",
@@ -573,6 +580,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
+    if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
+        parser.error(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
@@ -1263,21 +1272,26 @@ def save_checkpoint(
 
 @torch.no_grad()
 def parameter_groups(
-    trained: dict[str, torch.nn.Module], learning_rate: float, conv_learning_rate: float | None
+    trained: dict[str, torch.nn.Module],
+    learning_rate: float,
+    conv_learning_rate: float | None = None,
+    text_encoder_lr: float | None = None,
 ) -> list[dict]:
-    """The trainable tensors as optimizer groups: those of adapters on convolutions apart when they
-    have a rate of their own."""
-    conv = set()
-    if conv_learning_rate is not None:
-        for model in trained.values():
+    """The trainable tensors as optimizer groups: those of adapters on convolutions, and those of the
+    text encoders, apart when they have a rate of their own."""
+    rates = {}  # id(parameter) -> its rate, where it is not --learning_rate
+    for name, model in trained.items():
+        if text_encoder_lr is not None and name.startswith("text_encoder"):
+            rates.update((id(p), text_encoder_lr) for p in model.parameters())
+        elif conv_learning_rate is not None:
             for layer in plugin.inject.adapted_layers(model).values():
                 if isinstance(layer.base_layer, torch.nn.modules.conv._ConvNd):
-                    conv.update(id(p) for p in layer.adapters.parameters())
+                    rates.update((id(p), conv_learning_rate) for p in layer.adapters.parameters())
     params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in conv], "lr": learning_rate}]
-    if conv:
-        groups.append({"params": [p for p in params if id(p) in conv], "lr": conv_learning_rate})
-    return groups
+    groups = {learning_rate: []}
+    for p in params:
+        groups.setdefault(rates.get(id(p), learning_rate), []).append(p)
+    return [{"params": group, "lr": lr} for lr, group in groups.items() if group]
 
 
 def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: argparse.Namespace) -> float:
@@ -1311,7 +1325,12 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
     captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
-    conv_rate = "" if args.conv_learning_rate is None else f" ({args.conv_learning_rate} on convolutions)"
+    other_rates = (
+        [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
+    )
+    if args.train_text_encoder and args.text_encoder_lr is not None:
+        other_rates.append(f"{args.text_encoder_lr} in the text encoders")
+    conv_rate = f" ({', '.join(other_rates)})" if other_rates else ""
     fit = f"x{metrics['train_images_loss_after'] / metrics['train_images_loss_before']:.3f}"
     ratio = metrics["heldout_loss_ratio"]
     general = "n/a: no held-out images" if ratio is None else f"x{ratio:.3f}"
@@ -1566,7 +1585,11 @@ def main(args: argparse.Namespace) -> dict:
         args.learning_rate *= batch
         if args.conv_learning_rate is not None:
             args.conv_learning_rate *= batch
-    optimizer_groups = parameter_groups(trained, args.learning_rate, args.conv_learning_rate)
+        if args.text_encoder_lr is not None:
+            args.text_encoder_lr *= batch
+    optimizer_groups = parameter_groups(
+        trained, args.learning_rate, args.conv_learning_rate, args.text_encoder_lr
+    )
     params_to_optimize = [p for group in optimizer_groups for p in group["params"]]
     if args.use_8bit_adam:
         import bitsandbytes
