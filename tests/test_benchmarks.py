@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import quality, speed, yardstick
+from benchmarks import bleed, quality, speed, yardstick
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
 
@@ -151,6 +151,16 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     mtime = adapter.stat().st_mtime
     quality.main([*argv, "--no-plot"])
     assert adapter.stat().st_mtime == mtime
+
+    # bleed.py reads the same runs: one row for the base and one per trained adapter, with the
+    # subject's own attributes counted among the failures.
+    rows = bleed.main(argv)["rows"]
+    assert [row["model"] for row in rows] == ["base", "liera small plain seed 0", "liera small defaults seed 0"]
+    for row in rows:
+        assert 0 <= row["all right"] <= row["prompts"] == 2
+        assert all(0 <= row[f"{key} wrong"] <= 2 for key in bleed.ATTRIBUTES)
+    assert 0 <= rows[1]["subject's pattern instead"] <= rows[1]["pattern wrong"]
+    assert "subject's colours instead" in (out / "bleed.md").read_text()
 
 
 def test_quality_benchmark_refuses_unknown_recipes_and_subjects():

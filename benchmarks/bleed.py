@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Why prompt following falls after DreamBooth: which attribute of the non-subject prompts fails, and
+how often the failure is the trained subject's own pattern or colours (the subject bleeding into
+prompts that never named it).
+
+    python benchmarks/bleed.py --recipes defaults --methods lora flora liera --subjects 1 3 4 6 --seeds 0
+
+Reads the adapters `benchmarks/quality.py` trained (same arguments, same `--work-dir`; it trains
+nothing) and generates its 16 non-subject prompts with the base and with each adapter, judged by
+the toy analyser. Results: `benchmarks/results/<name>.{md,json}`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    command_line,
+    environment,
+    markdown_table,
+    write_json,
+    write_markdown,
+)
+from benchmarks.quality import Judge, parse_args, run_folder, subject_info
+
+ATTRIBUTES = ("count", "shape", "colour", "pattern", "background")
+
+
+def attribute_failures(judge: Judge, subject: dict | None) -> dict:
+    """Failures per attribute on the judge's non-subject prompts, and how many of the wrong patterns
+    (wrong colour sets) are the subject's."""
+    from plugin.toy.analyser import _colours_match, analyse, score_image
+
+    texts = [p["prompt"] for p in judge.prompts]
+    images = judge.generate(texts, [p["seed"] for p in judge.prompts])
+    rows = [score_image(image, text) for image, text in zip(images, texts)]
+    found = [analyse(image).main for image in images]
+    out = {"prompts": len(rows), "all right": sum(all(v for v in r.values() if v is not None) for r in rows)}
+    out.update({f"{key} wrong": sum(r[key] is False for r in rows) for key in ATTRIBUTES})
+    if subject is not None:
+        out["subject's pattern instead"] = sum(
+            r["pattern"] is False and g is not None and g.pattern == subject["pattern"]
+            for r, g in zip(rows, found)
+        )
+        out["subject's colours instead"] = sum(
+            r["colour"] is False and g is not None and _colours_match(tuple(subject["colours"]), g.colours)
+            for r, g in zip(rows, found)
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import plugin
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(["--name", "bleed", *argv])  # quality's arguments; a --name given wins
+    judge = Judge(args)
+    components = {"unet": judge.pipe.unet, "text_encoder": judge.pipe.text_encoder}
+    rows = [{"model": "base", "subject": "-", **attribute_failures(judge, None)}]
+    for recipe, method, budget, index, seed in itertools.product(
+        args.recipes, args.methods, args.budgets, args.subjects, args.seeds
+    ):
+        adapter = run_folder(args, (recipe, method, budget, index, seed)) / "adapter.safetensors"
+        if not adapter.is_file():
+            print(f"skipped (not trained): {adapter}")
+            continue
+        info = subject_info(index)
+        plugin.load_adapter(adapter, components, "bleed")
+        try:
+            counts = attribute_failures(judge, info)
+        finally:
+            for model in components.values():
+                if "bleed" in plugin.list_adapters(model):
+                    plugin.delete_adapters(model, "bleed")
+        rows.append({"model": f"{method} {budget} {recipe} seed {seed}", "subject": info["name"], **counts})
+    keys = list(rows[-1])
+    body = (
+        f"Counts over the {rows[0]['prompts']} non-subject prompts of `benchmarks/quality.py` (prompt "
+        'following), per trained adapter; "instead": the wrong pattern (colour set) found is the '
+        "subject's.\n\n" + markdown_table(keys, [[row.get(k, "-") for k in keys] for row in rows])
+    )
+    command = command_line(argv, "benchmarks/bleed.py")
+    output = Path(args.output_dir)
+    write_markdown(
+        output / f"{args.name}.md", "Subject bleed into non-subject prompts", environment(), body, command
+    )
+    write_json(output / f"{args.name}.json", {"environment": environment(), "command": command, "rows": rows})
+    print(body)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
