@@ -155,7 +155,11 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     # bleed.py reads the same runs: one row for the base and one per trained adapter, with the
     # subject's own attributes counted among the failures.
     rows = bleed.main(argv)["rows"]
-    assert [row["model"] for row in rows] == ["base", "liera small plain seed 0", "liera small defaults seed 0"]
+    assert [row["model"] for row in rows] == [
+        "base",
+        "liera small plain seed 0",
+        "liera small defaults seed 0",
+    ]
     for row in rows:
         assert 0 <= row["all right"] <= row["prompts"] == 2
         assert all(0 <= row[f"{key} wrong"] <= 2 for key in bleed.ATTRIBUTES)
