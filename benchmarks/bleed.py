@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(["--name", "bleed", *argv])  # quality's arguments; a --name given wins
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     judge = Judge(args)
     components = {"unet": judge.pipe.unet, "text_encoder": judge.pipe.text_encoder}
     rows = [{"model": "base", "subject": "-", **attribute_failures(judge, None)}]
