@@ -1330,7 +1330,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     )
     if args.train_text_encoder and args.text_encoder_lr is not None:
         other_rates.append(f"{args.text_encoder_lr} in the text encoders")
-    conv_rate = f" ({', '.join(other_rates)})" if other_rates else ""
+    rates_apart = f" ({', '.join(other_rates)})" if other_rates else ""
     fit = f"x{metrics['train_images_loss_after'] / metrics['train_images_loss_before']:.3f}"
     ratio = metrics["heldout_loss_ratio"]
     general = "n/a: no held-out images" if ratio is None else f"x{ratio:.3f}"
@@ -1370,7 +1370,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
 
 Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
 "{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
-learning rate {args.learning_rate}{conv_rate}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
+learning rate {args.learning_rate}{rates_apart}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
 scale {args.scale}, targets `{args.targets}`), text encoders adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
 
