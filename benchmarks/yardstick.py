@@ -167,16 +167,6 @@ def train(
     params = [p for model in models for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids
-
     with torch.no_grad():
         pixels = torch.stack([to_tensor(im) for im in images + class_images])
         posterior = vae.encode(pixels).latent_dist
