@@ -55,8 +55,6 @@ def attribute_failures(judge: Judge, subject: dict | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import plugin
-
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(["--name", "bleed", *argv])  # quality's arguments; a --name given wins
     if args.threads:
@@ -64,7 +62,6 @@ def main(argv: list[str] | None = None) -> dict:
 
         torch.set_num_threads(args.threads)
     judge = Judge(args)
-    components = {"unet": judge.pipe.unet, "text_encoder": judge.pipe.text_encoder}
     rows = [{"model": "base", "subject": "-", **attribute_failures(judge, None)}]
     for recipe, method, budget, index, seed in itertools.product(
         args.recipes, args.methods, args.budgets, args.subjects, args.seeds
@@ -74,13 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"skipped (not trained): {adapter}")
             continue
         info = subject_info(index)
-        plugin.load_adapter(adapter, components, "bleed")
-        try:
+        with judge.loaded(adapter, "bleed"):
             counts = attribute_failures(judge, info)
-        finally:
-            for model in components.values():
-                if "bleed" in plugin.list_adapters(model):
-                    plugin.delete_adapters(model, "bleed")
         rows.append({"model": f"{method} {budget} {recipe} seed {seed}", "subject": info["name"], **counts})
     keys = list(rows[-1])
     body = (

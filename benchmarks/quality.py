@@ -33,6 +33,7 @@ Ranks are matched per budget (the tables give the parameter counts). Runs and ju
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -387,6 +388,22 @@ class Judge:
         self.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.prompts = make_prompts(args.num_prompts, seed=1)
 
+    @contextlib.contextmanager
+    def loaded(self, adapter: Path | None, name: str = "judged"):
+        """`adapter` on the base's UNet and text encoder while the block runs (nothing for None), removed
+        afterwards, so that the next adapter is judged on the base again."""
+        import plugin
+
+        models = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
+        if adapter is not None:
+            plugin.load_adapter(adapter, models, name)
+        try:
+            yield models
+        finally:
+            for model in models.values():
+                if name in plugin.list_adapters(model):
+                    plugin.delete_adapters(model, name)
+
     def class_folder(self, shape: str, folder: Path) -> Path:
         """CLASS_IMAGES images the base generates for "a <shape>" (DreamBooth's class images), once."""
         if folder.is_dir():
@@ -459,7 +476,6 @@ class Judge:
 
     def score(self, index: int, adapter: Path | None = None) -> tuple[dict, dict]:
         """Metrics of the base (`adapter=None`) or of `adapter` on subject `index`, and sample images."""
-        import plugin
         from plugin.toy.analyser import analyse, analyse_subject, parse_prompt, score_images
         from plugin.training import list_images, load_rgb
 
@@ -468,11 +484,7 @@ class Judge:
         prompts = json.loads((folder / "prompts.json").read_text())
         train_views = [load_rgb(path) for path in list_images(folder)]
         heldout_views = [load_rgb(path) for path in list_images(folder / "heldout")]
-        if adapter is not None:
-            plugin.load_adapter(
-                adapter, {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}, "judged"
-            )
-        try:
+        with self.loaded(adapter):
             texts = [p["prompt"] for p in self.prompts]
             accuracy = score_images(self.generate(texts, [p["seed"] for p in self.prompts]), texts)
             samples, verdicts = {}, {}
@@ -499,10 +511,6 @@ class Judge:
                 "shape_kept": fmean(v["shape_ok"] for v in every),
                 "background_kept": fmean(backgrounds_kept),
             }
-        finally:
-            for model in (self.pipe.unet, self.pipe.text_encoder):
-                if "judged" in plugin.list_adapters(model):
-                    plugin.delete_adapters(model, "judged")
         return metrics, {kind: images[:2] for kind, images in samples.items()}
 
 
@@ -541,16 +549,10 @@ def weight_change(judge: Judge, folder: Path, metrics: dict) -> float:
     for runs older than that number, measured on the adapter file."""
     if metrics.get("largest_relative_weight_change") is not None:
         return metrics["largest_relative_weight_change"]
-    import plugin
     from plugin.training import largest_weight_change
 
-    models = {"unet": judge.pipe.unet, "text_encoder": judge.pipe.text_encoder}
-    plugin.load_adapter(folder / "adapter.safetensors", models, "measured")
-    try:
+    with judge.loaded(folder / "adapter.safetensors", "measured") as models:
         return largest_weight_change(models)[1]
-    finally:
-        for model in models.values():
-            plugin.delete_adapters(model, "measured")
 
 
 def adapter_parameters(path: Path) -> int:
