@@ -92,7 +92,8 @@ class DreamBoothDataset(Dataset):
     Like diffusers' dataset, its length is the larger of the two image counts and item `i` pairs
     instance image `i % n_instance` with class image `i % n_class`. Images are decoded once; random
     crops depend on (seed, epoch, index) only, so call `set_epoch` (accelerate's dataloader does).
-    `instance_prompts` (one per instance image) replaces `instance_prompt` with per-image captions.
+    `instance_prompts` (one per instance image) replaces `instance_prompt` with per-image captions,
+    and `class_prompts` (one per class image) replaces `class_prompt` likewise.
     `tokenize` (a prompt to one row of ids) replaces `tokenizer` for models with several tokenizers.
     Each example also says its image's original (height, width) and crop (top, left): SDXL's time ids.
     """
@@ -110,6 +111,7 @@ class DreamBoothDataset(Dataset):
         tokenizer_max_length: int | None = None,
         instance_prompts: Sequence[str] | None = None,
         tokenize: Callable[[str], torch.Tensor] | None = None,
+        class_prompts: Sequence[str] | None = None,
     ):
         if tokenize is None:
 
@@ -118,16 +120,14 @@ class DreamBoothDataset(Dataset):
 
         self.instance_images = [load_rgb(path) for path in instance_images]
         self.class_images = [load_rgb(path) for path in class_images or []]
-        if instance_prompts is not None and len(instance_prompts) != len(self.instance_images):
-            raise ValueError(
-                f"{len(instance_prompts)} instance prompts for {len(self.instance_images)} instance images"
-            )
-        # Each distinct prompt is tokenised once; image i uses row `self.prompt_rows[i]`.
-        prompts = list(instance_prompts or [instance_prompt] * len(self.instance_images))
-        distinct = list(dict.fromkeys(prompts))
-        self.instance_prompt_ids = torch.cat([tokenize(prompt) for prompt in distinct])
-        self.prompt_rows = [distinct.index(prompt) for prompt in prompts]
-        self.class_prompt_ids = tokenize(class_prompt) if self.class_images else None
+        self.instance_prompt_ids, self.prompt_rows = _prompt_rows(
+            "instance", instance_prompts, instance_prompt, len(self.instance_images), tokenize
+        )
+        self.class_prompt_ids, self.class_prompt_rows = (
+            _prompt_rows("class", class_prompts, class_prompt, len(self.class_images), tokenize)
+            if self.class_images
+            else (None, None)
+        )
         self.resolution, self.center_crop, self.seed, self.epoch = resolution, center_crop, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,10 +151,24 @@ class DreamBoothDataset(Dataset):
             image = self.class_images[index % len(self.class_images)]
             pixels, crop = crop_to_model_input(image, self.resolution, self.center_crop, rng)
             example["class_images"] = pixels
-            example["class_prompt_ids"] = self.class_prompt_ids[0]
+            example["class_prompt_ids"] = self.class_prompt_ids[
+                self.class_prompt_rows[index % len(self.class_images)]
+            ]
             example["class_original_size"] = (image.height, image.width)
             example["class_crop_top_left"] = crop
         return example
+
+
+def _prompt_rows(
+    kind: str, prompts: Sequence[str] | None, prompt: str, count: int, tokenize: Callable[[str], torch.Tensor]
+) -> tuple[torch.Tensor, list[int]]:
+    """Each distinct prompt tokenised once, and the row of each image's: `prompts` (one per image)
+    if given, else `prompt` for every image."""
+    if prompts is not None and len(prompts) != count:
+        raise ValueError(f"{len(prompts)} {kind} prompts for {count} {kind} images")
+    prompts = list(prompts if prompts is not None else [prompt] * count)
+    distinct = list(dict.fromkeys(prompts))
+    return torch.cat([tokenize(p) for p in distinct]), [distinct.index(p) for p in prompts]
 
 
 def collate_fn(examples: list[dict], with_prior_preservation: bool = False) -> dict[str, torch.Tensor]:

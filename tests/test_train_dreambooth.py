@@ -202,8 +202,10 @@ def test_two_cpu_processes_end_with_identical_adapters(tiny):
     assert [step for step, _ in metrics["heldout_curve"]] == [0, 4]  # on the main process, no deadlock
 
 
-def test_instance_captions_give_each_image_its_own_prompt(tiny):
-    """`--instance_captions`: a `<stem>.txt` beside an image wins over prompts.json's "captions"."""
+def test_captions_give_each_instance_and_class_image_its_own_prompt(tiny):
+    """`--instance_captions`: a `<stem>.txt` beside an image wins over prompts.json's "captions".
+    `--class_captions`: the class images are generated from prompts.json's "class_prompts" in turn,
+    each saved with its caption, and trained with it."""
     from transformers import CLIPTokenizer
 
     from plugin.training import DreamBoothDataset, tokenize_prompt
@@ -211,17 +213,30 @@ def test_instance_captions_give_each_image_its_own_prompt(tiny):
     subject = tiny["root"] / "captioned"
     shutil.copytree(tiny["subject"], subject)
     (subject / "subject_0.txt").write_text("a sks circle, from its text file\n")
-    output = run(train_args(tiny, tiny["root"] / "captions", "liera", "--instance_data_dir", str(subject),
-                            "--instance_captions"))  # fmt: skip
+    prompts = json.loads((subject / "prompts.json").read_text())
+    class_prompts = ["a red circle", "a striped circle on a blue background", "a dotted circle"]
+    (subject / "prompts.json").write_text(json.dumps({**prompts, "class_prompts": class_prompts}))
+    output_dir = tiny["root"] / "captions"
+    output = run(train_args(tiny, output_dir, "liera", "--instance_data_dir", str(subject),
+                            "--instance_captions", "--class_captions"))  # fmt: skip
     assert "Prompts = per-image captions (3 distinct)" in output
-    assert json.loads((tiny["root"] / "captions" / "metrics.json").read_text())["steps"] == 4
+    assert "Generating 2 class images for 3 class prompts" in output
+    assert json.loads((output_dir / "metrics.json").read_text())["steps"] == 4
+    class_images = sorted((output_dir / "class_images").glob("*.png"))
+    captions = [image.with_suffix(".txt").read_text().strip() for image in class_images]
+    assert captions == class_prompts[:2]
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny["base"], subfolder="tokenizer")
     prompts = ["a sks circle, from its text file", "a sks circle on a blue background", "a sks circle"]
     images = sorted(subject.glob("*.png"))
-    dataset = DreamBoothDataset(images, "unused", tokenizer, RESOLUTION, instance_prompts=prompts)
+    dataset = DreamBoothDataset(
+        images, "unused", tokenizer, RESOLUTION, instance_prompts=prompts, class_images=class_images,
+        class_prompt="unused", class_prompts=captions,
+    )  # fmt: skip
     for index, prompt in enumerate(prompts):
         assert torch.equal(dataset[index]["instance_prompt_ids"], tokenize_prompt(tokenizer, prompt)[0])
+        class_prompt = captions[index % len(captions)]
+        assert torch.equal(dataset[index]["class_prompt_ids"], tokenize_prompt(tokenizer, class_prompt)[0])
 
 
 def test_held_out_instance_images_are_measured_not_trained_on(tiny):
@@ -332,6 +347,18 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     (uncaptioned / "prompts.json").write_text(json.dumps(prompts))
     message = refusal(script, capsys, [*base, "--instance_data_dir", str(uncaptioned), "--instance_captions"])
     assert "--instance_captions:" in message and "subject_1.png has no caption" in message
+    message = refusal(
+        script, capsys, [*base, *data, "--class_captions", "--class_data_dir", str(tmp_path / "none")]
+    )
+    assert "--class_captions: 100 class images are missing" in message and '"class_prompts"' in message
+    uncaptioned_class = tmp_path / "uncaptioned-class"
+    shutil.copytree(tiny["subject"], uncaptioned_class, ignore=shutil.ignore_patterns("heldout", "*.json"))
+    message = refusal(
+        script, capsys, [*base, *data, "--class_captions", "--class_data_dir", str(uncaptioned_class)]
+    )
+    assert "--class_captions: class image" in message and "subject_0.png has no caption" in message
+    message = refusal(script, capsys, [*base, *data, "--class_captions", "--no-with_prior_preservation"])
+    assert "--class_captions captions the prior-preservation images" in message
     message = refusal(script, capsys, [*base, *data, "--num_heldout_images", "3"])
     assert "--num_heldout_images 3" in message and "has 3 images and at least one must train" in message
     assert "--num_heldout_images must be 0 or more, got -1" in refusal(

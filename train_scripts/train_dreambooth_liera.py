@@ -101,7 +101,7 @@ RUN_FILE = "run.json"  # in --output_dir and in every checkpoint: the run's iden
 # may change between a run and its resumption.
 RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
-    "instance_captions", "train_images", "class_prompt", "with_prior_preservation",
+    "instance_captions", "train_images", "class_prompt", "class_captions", "with_prior_preservation",
     "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
@@ -191,6 +191,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help=f"The prompt for images of the subject's class. Default: read from {PROMPTS_FILE} in the instance folder.",
+    )
+    model.add_argument(
+        "--class_captions",
+        action="store_true",
+        help="Train each class image with its own caption instead of --class_prompt (kohya's captioned "
+        "regularisation images): the text of <image stem>.txt beside it. Missing class images are generated "
+        f'from the {PROMPTS_FILE} "class_prompts" of the instance folder (varied prompts of the class, one image each, in turn), each saved '
+        "with its caption, so the prior keeps the words those prompts use (colours, patterns, settings).",
     )
     model.add_argument(
         "--with_prior_preservation",
@@ -677,6 +685,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             )
         if args.class_data_dir is None:
             args.class_data_dir = os.path.join(args.output_dir, "class_images")
+    check_class_captions(parser, args, prompts)
     # Class images serve prior preservation and the prior-drift measure.
     uses_class_images = args.with_prior_preservation or args.num_drift_images and args.class_prompt
     if uses_class_images and args.class_data_dir and Path(args.class_data_dir).exists():
@@ -886,6 +895,44 @@ def check_heldout(
             args.heldout_prompts[i] = image_caption(path, captions) or args.instance_prompt
 
 
+def check_class_captions(parser: argparse.ArgumentParser, args: argparse.Namespace, prompts: dict) -> None:
+    """With --class_captions: the class images already there have captions, and the missing ones have
+    prompts to be generated from (args.class_prompts)."""
+    args.class_prompts = None  # the prompts missing class images are generated from, in turn
+    if not args.class_captions:
+        return
+    if not args.with_prior_preservation:
+        parser.error(
+            "--class_captions captions the prior-preservation images: drop --no-with_prior_preservation"
+        )
+    listed, source = prompts.get("class_prompts"), Path(args.instance_data_dir, PROMPTS_FILE)
+    if listed is not None and (
+        not isinstance(listed, list) or not all(isinstance(p, str) and p.strip() for p in listed)
+    ):
+        parser.error(f'{source}: "class_prompts" must be a list of non-empty prompts')
+    args.class_prompts = [p.strip() for p in listed] if listed else None
+    folder = Path(args.class_data_dir)
+    class_images = _list_images(folder)[: args.num_class_images] if folder.is_dir() else []
+    for image in class_images:
+        if image_caption(image, {}) is None:
+            parser.error(
+                f"--class_captions: class image {image} has no caption (write {image.with_suffix('.txt').name} "
+                "beside it)"
+            )
+    if len(class_images) < args.num_class_images and not args.class_prompts:
+        parser.error(
+            f"--class_captions: {args.num_class_images - len(class_images)} class images are missing in "
+            f'{folder} and there are no prompts to generate them from: add "class_prompts": [...] to {source}'
+        )
+
+
+def class_captions(args: argparse.Namespace) -> list[str] | None:
+    """The captions of the class images trained on, with --class_captions (check_args checked them)."""
+    if not args.class_captions:
+        return None
+    return [image_caption(image, {}) for image in list_images(args.class_data_dir)[: args.num_class_images]]
+
+
 def _captions(parser: argparse.ArgumentParser, prompts: dict, key: str, folder: Path) -> dict:
     captions = prompts.get(key, {})
     if not isinstance(captions, dict):
@@ -1077,8 +1124,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
 
 def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """diffusers' prior-preservation step: top up --class_data_dir to --num_class_images images."""
-    generate_images(args, accelerator, Path(args.class_data_dir), args.num_class_images)
+    """diffusers' prior-preservation step: top up --class_data_dir to --num_class_images images (with
+    --class_captions, from the class prompts in turn, each saved with its caption)."""
+    generate_images(
+        args, accelerator, Path(args.class_data_dir), args.num_class_images, prompts=args.class_prompts
+    )
 
 
 def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> list[Path]:
@@ -1116,10 +1166,16 @@ def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> li
 
 
 def generate_images(
-    args: argparse.Namespace, accelerator: Accelerator, folder: Path, count: int, first_sample: int = 10**9
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    folder: Path,
+    count: int,
+    first_sample: int = 10**9,
+    prompts: list[str] | None = None,
 ) -> None:
     """Top up `folder` to `count` samples of the base pipeline for --class_prompt, fixed seeds,
-    shared between the processes."""
+    shared between the processes. Image k of a list of `prompts` is made from prompts[k % len] and
+    saved with it as its caption (<stem>.txt, written first: an image is never without its caption)."""
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(list_images(folder))
     missing = count - existing
@@ -1134,7 +1190,8 @@ def generate_images(
     family = FAMILIES[args.family]
     pipeline.scheduler = family.sampling_scheduler(pipeline)
     pipeline.set_progress_bar_config(disable=True)
-    logger.info(f"Generating {missing} class images for {args.class_prompt!r} in {folder}")
+    described = f"{len(prompts)} class prompts" if prompts else repr(args.class_prompt)
+    logger.info(f"Generating {missing} class images for {described} in {folder}")
     starts = list(range(0, missing, args.sample_batch_size))
     with accelerator.split_between_processes(starts) as my_starts:
         for start in tqdm(my_starts, desc="Class images", disable=not accelerator.is_local_main_process):
@@ -1142,15 +1199,19 @@ def generate_images(
             generators = [
                 seeded_generator(NOISE_KEY, args.seed, first_sample + start + i) for i in range(batch)
             ]
-            prompts = [args.class_prompt] * batch
+            numbers = [existing + start + i for i in range(batch)]
+            texts = [prompts[k % len(prompts)] for k in numbers] if prompts else [args.class_prompt] * batch
             images = pipeline(
-                prompts,
+                texts,
                 num_inference_steps=args.prior_generation_steps,
                 generator=generators,
                 **family.generation_kwargs(args.resolution),
             ).images
-            for i, image in enumerate(images):
-                image.save(folder / f"{existing + start + i:05d}-generated.png")
+            for k, text, image in zip(numbers, texts, images):
+                path = folder / f"{k:05d}-generated.png"
+                if prompts:
+                    path.with_suffix(".txt").write_text(text + "\n")
+                image.save(path)
     del pipeline
     accelerator.wait_for_everyone()
 
@@ -1323,6 +1384,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     """A short README.md in --output_dir: what was trained on what, how to load it, how it did."""
     base = display_name(args.pretrained_model_name_or_path)
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
+    prior += " (class images with their own captions)" if args.class_captions else ""
     captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
     other_rates = (
@@ -1626,6 +1688,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.with_prior_preservation
         else None,
         class_prompt=args.class_prompt,
+        class_prompts=class_captions(args),
         seed=args.seed,
         tokenizer_max_length=args.tokenizer_max_length,
         instance_prompts=args.instance_prompts,

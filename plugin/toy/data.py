@@ -18,6 +18,7 @@ The toy base pipeline in ``assets/toy-sd`` was pretrained on this world
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -412,15 +413,15 @@ def make_example(
     return Example(image, caption, tuple(objects), background)
 
 
-def make_prompts(n: int = 64, seed: int = 0) -> list[dict]:
-    """``n`` single-object evaluation prompts, balanced over shapes and patterns, with colours and a
-    background each; none is a held-out combination.
+def make_prompts(n: int = 64, seed: int = 0, shapes: Sequence[str] = SHAPES) -> list[dict]:
+    """``n`` single-object evaluation prompts, balanced over ``shapes`` and patterns, with colours and
+    a background each; none is a held-out combination.
 
     Returns dicts ``{"prompt", "shape", "pattern", "colours", "background", "seed"}``; ``seed`` is a
     per-prompt generation seed. Deterministic for ``seed``.
     """
     rng = np.random.default_rng(seed)
-    combos = [(s, p) for s in SHAPES for p in PATTERNS]
+    combos = [(s, p) for s in shapes for p in PATTERNS]
     order = rng.permutation(len(combos))
     out = []
     for i in range(n):
