@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bleed, quality, speed, yardstick
+from plugin.toy.data import make_prompts
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
 
@@ -139,6 +140,12 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     prompts = json.loads((subject / "prompts.json").read_text())
     assert len(list(subject.glob("*.png"))) == len(list((subject / "heldout").glob("*.png"))) == quality.VIEWS
     assert not set(prompts["training_backgrounds"]) & set(prompts["unseen_backgrounds"])
+    # --class_captions' prompts: distinct, of the subject's class, none a prompt-following prompt.
+    class_prompts = prompts["class_prompts"]
+    assert len(set(class_prompts)) == len(class_prompts) == quality.CLASS_PROMPTS
+    assert all(prompt.split(" on ")[0].endswith(" cross") for prompt in class_prompts)
+    judged = {p["prompt"] for p in make_prompts(64, seed=quality.JUDGE_PROMPT_SEED)}
+    assert not judged & set(class_prompts)
     # The defaults (prior preservation, text encoder adapted) trained on class images the base generated
     # once for the subject's class, and the judge loaded the text encoder's adapters too.
     assert len(list((tmp_path / "runs" / "class" / "cross").glob("*.png"))) == quality.CLASS_IMAGES
