@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Why prompt following falls after DreamBooth: which attribute of the non-subject prompts fails, and
 how often the failure is the trained subject's own pattern or colours (the subject bleeding into
-prompts that never named it).
+prompts that never named it), and which half of the adapter loses it: the prompts' accuracy with
+only the UNet's adapter switched on, and with only the text encoder's.
 
     python benchmarks/bleed.py --recipes defaults --methods lora flora liera --subjects 1 3 4 6 --seeds 0
 
@@ -54,6 +55,29 @@ def attribute_failures(judge: Judge, subject: dict | None) -> dict:
     return out
 
 
+def accuracy_by_part(judge: Judge, models: dict) -> dict:
+    """All-attributes-right count with one model's adapter switched off at a time: which part of the
+    adapter (or the two together) costs prompt following."""
+    import plugin
+    from plugin.toy.analyser import score_images
+
+    texts = [p["prompt"] for p in judge.prompts]
+    out = {}
+    for part, model in models.items():
+        if not plugin.list_adapters(model):
+            continue
+        others = [other for other in models.values() if other is not model]
+        for other in others:
+            plugin.disable_adapters(other)
+        try:
+            accuracy = score_images(judge.generate(texts, [p["seed"] for p in judge.prompts]), texts)["all"]
+        finally:
+            for other in others:
+                plugin.enable_adapters(other)
+        out[f"all right, {part} adapter only"] = round(accuracy * len(texts))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(["--name", "bleed", *argv])  # quality's arguments; a --name given wins
@@ -71,14 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"skipped (not trained): {adapter}")
             continue
         info = subject_info(index)
-        with judge.loaded(adapter, "bleed"):
-            counts = attribute_failures(judge, info)
+        with judge.loaded(adapter, "bleed") as models:
+            counts = {**attribute_failures(judge, info), **accuracy_by_part(judge, models)}
         rows.append({"model": f"{method} {budget} {recipe} seed {seed}", "subject": info["name"], **counts})
     keys = list(rows[-1])
     body = (
         f"Counts over the {rows[0]['prompts']} non-subject prompts of `benchmarks/quality.py` (prompt "
         'following), per trained adapter; "instead": the wrong pattern (colour set) found is the '
-        "subject's.\n\n" + markdown_table(keys, [[row.get(k, "-") for k in keys] for row in rows])
+        "subject's; \"<model> adapter only\": all right with the other model's adapter switched off.\n\n"
+        + markdown_table(keys, [[row.get(k, "-") for k in keys] for row in rows])
     )
     command = command_line(argv, "benchmarks/bleed.py")
     output = Path(args.output_dir)

@@ -171,6 +171,11 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
         assert 0 <= row["all right"] <= row["prompts"] == 2
         assert all(0 <= row[f"{key} wrong"] <= 2 for key in bleed.ATTRIBUTES)
     assert 0 <= rows[1]["subject's pattern instead"] <= rows[1]["pattern wrong"]
+    # Prompt following with one part's adapter only: "plain" adapted the UNet alone, the defaults
+    # the text encoder too.
+    assert "all right, text_encoder adapter only" not in rows[1]
+    assert 0 <= rows[1]["all right, unet adapter only"] <= 2
+    assert 0 <= rows[2]["all right, text_encoder adapter only"] <= 2
     assert "subject's colours instead" in (out / "bleed.md").read_text()
 
 
