@@ -690,6 +690,48 @@ def test_text_encoder_lr_gives_the_text_encoder_a_group_of_its_own(script, capsy
     assert "--text_encoder_lr must be positive, got -1" in refusal(
         script, capsys, [*args, "--text_encoder_lr", "-1"]
     )
+    assert "--text_encoder_preservation keeps the adapted text encoder near the base" in refusal(
+        script, capsys, [*args, "--text_encoder_preservation", "1", "--no-train_text_encoder"]
+    )
+
+
+def text_encoder_change(base: Path, adapter: Path, prompts: list[str]) -> float:
+    """How far an adapter moves the text encoder's output for `prompts` from the base's."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        before = text_encoder(ids.input_ids)[0]
+        tensors, metadata = plugin.read_adapter_file(adapter)
+        mine = {key: value for key, value in tensors.items() if key.startswith("text_encoder.")}
+        plugin.load_adapter((mine, metadata), {"text_encoder": text_encoder})
+        return (text_encoder(ids.input_ids)[0] - before).norm().item()
+
+
+def test_text_encoder_preservation_keeps_other_prompts_as_the_base_reads_them(tiny):
+    """--text_encoder_preservation: the adapted text encoder keeps the empty prompt's and the class
+    prompt's output nearer the base's than the same run without it, and the identifier still trains."""
+    subject = tiny["root"] / "class-prompts"
+    shutil.copytree(tiny["subject"], subject)
+    prompts = json.loads((subject / "prompts.json").read_text())
+    (subject / "prompts.json").write_text(
+        json.dumps({**prompts, "class_prompts": ["a red circle", "a dotted circle"]})
+    )
+    changes = {}
+    for weight in ("0", "100"):
+        output_dir = tiny["root"] / f"te-preservation-{weight}"
+        output = run(train_args(tiny, output_dir, "lora", "--instance_data_dir", str(subject), "--train_text_encoder",
+                                "--max_train_steps", "8", "--text_encoder_preservation", weight))  # fmt: skip
+        assert ("Text encoder preservation on 4 prompts, weight 100.0" in output) == (weight == "100")
+        adapter = output_dir / "adapter.safetensors"
+        changes[weight] = [
+            text_encoder_change(tiny["base"], adapter, p) for p in (["", "a circle"], ["a sks circle"])
+        ]
+    (kept_before, _), (kept, identifier) = changes["0"], changes["100"]
+    assert kept < 0.5 * kept_before
+    assert identifier > 0
 
 
 def test_cache_latents_trains_the_same_adapter(tiny):

@@ -105,7 +105,7 @@ RUN_IDENTITY = (
     "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "adam_epsilon", "max_grad_norm", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
+    "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
     "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
@@ -302,6 +302,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Learning rate of the text encoders (with --train_text_encoder), as diffusers' SDXL script "
         "has it. Default: --learning_rate.",
+    )
+    train.add_argument(
+        "--text_encoder_preservation",
+        type=float,
+        default=0.0,
+        help="Weight of a loss that keeps the adapted text encoders' output for prompts without the "
+        f'identifier (the empty prompt, the class prompt and the instance {PROMPTS_FILE}\'s "class_prompts") '
+        "as the base's, so that the text encoder's adapter changes what the identifier's prompts mean, "
+        "not every prompt (with --train_text_encoder; 0: off).",
     )
     train.add_argument(
         "--scale_lr",
@@ -588,6 +597,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
+    if args.text_encoder_preservation < 0:
+        parser.error(f"--text_encoder_preservation must be 0 or more, got {args.text_encoder_preservation}")
+    if args.text_encoder_preservation and not args.train_text_encoder:
+        parser.error(
+            "--text_encoder_preservation keeps the adapted text encoder near the base: it needs --train_text_encoder"
+        )
     if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
         parser.error(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
@@ -898,19 +913,20 @@ def check_heldout(
 def check_class_captions(parser: argparse.ArgumentParser, args: argparse.Namespace, prompts: dict) -> None:
     """With --class_captions: the class images already there have captions, and the missing ones have
     prompts to be generated from (args.class_prompts)."""
-    args.class_prompts = None  # the prompts missing class images are generated from, in turn
+    listed, source = prompts.get("class_prompts"), Path(args.instance_data_dir, PROMPTS_FILE)
+    if listed is not None and (
+        not isinstance(listed, list) or not all(isinstance(p, str) and p.strip() for p in listed)
+    ):
+        parser.error(f'{source}: "class_prompts" must be a list of non-empty prompts')
+    # Varied prompts of the class: missing class images are generated from them in turn (with
+    # --class_captions), and --text_encoder_preservation keeps their meaning.
+    args.class_prompts = [p.strip() for p in listed] if listed else None
     if not args.class_captions:
         return
     if not args.with_prior_preservation:
         parser.error(
             "--class_captions captions the prior-preservation images: drop --no-with_prior_preservation"
         )
-    listed, source = prompts.get("class_prompts"), Path(args.instance_data_dir, PROMPTS_FILE)
-    if listed is not None and (
-        not isinstance(listed, list) or not all(isinstance(p, str) and p.strip() for p in listed)
-    ):
-        parser.error(f'{source}: "class_prompts" must be a list of non-empty prompts')
-    args.class_prompts = [p.strip() for p in listed] if listed else None
     folder = Path(args.class_data_dir)
     class_images = _list_images(folder)[: args.num_class_images] if folder.is_dir() else []
     for image in class_images:
@@ -1030,6 +1046,7 @@ if __name__ == "__main__":
 import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
@@ -1126,9 +1143,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
     """diffusers' prior-preservation step: top up --class_data_dir to --num_class_images images (with
     --class_captions, from the class prompts in turn, each saved with its caption)."""
-    generate_images(
-        args, accelerator, Path(args.class_data_dir), args.num_class_images, prompts=args.class_prompts
-    )
+    prompts = args.class_prompts if args.class_captions else None
+    generate_images(args, accelerator, Path(args.class_data_dir), args.num_class_images, prompts=prompts)
 
 
 def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> list[Path]:
@@ -1707,6 +1723,22 @@ def main(args: argparse.Namespace) -> dict:
             tuple(row): {key: value[i] for key, value in encoded.items()}
             for i, row in enumerate(ids.tolist())
         }
+    # --text_encoder_preservation: the base text encoders' output for prompts without the identifier,
+    # which the adapted ones must keep (each step draws train_batch_size of them).
+    preserved_ids, preserved = None, {}
+    if args.text_encoder_preservation:
+        prompts = dict.fromkeys(["", args.class_prompt or "", *(args.class_prompts or [])])
+        preserved_ids = torch.cat([tokenize(prompt) for prompt in prompts]).to(accelerator.device)
+        adapted_encoders = [text_encoders[name] for name in trained if name != family.denoiser]
+        for text_encoder in adapted_encoders:
+            plugin.disable_adapters(text_encoder)
+        with torch.no_grad():
+            preserved = encode(preserved_ids, text_encoders)
+        for text_encoder in adapted_encoders:
+            plugin.enable_adapters(text_encoder)
+        logger.info(
+            f"  Text encoder preservation on {len(prompts)} prompts, weight {args.text_encoder_preservation}"
+        )
 
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1889,7 +1921,19 @@ def main(args: argparse.Namespace) -> dict:
                 posterior = latent_distribution(pixel_values)
                 latents = family.to_latents(vae, posterior.sample(generator=generator)).to(weight_dtype)
                 noised = family.noised(noise_scheduler, latents, generator, noise_options)
-                if prompt_embeddings is None:
+                if preserved_ids is not None:
+                    # One call for the batch's prompts and the preserved ones (a DDP model runs once a step).
+                    count = len(batch["input_ids"])
+                    drawn = torch.randint(len(preserved_ids), (args.train_batch_size,), generator=generator)
+                    drawn = drawn.to(preserved_ids.device)
+                    ids = torch.cat([batch["input_ids"], preserved_ids[drawn]])
+                    encoded = encode(ids, text_encoders)
+                    conditioning = {key: value[:count] for key, value in encoded.items()}
+                    preservation_loss = sum(
+                        F.mse_loss(value[count:].float(), preserved[key][drawn].float())
+                        for key, value in encoded.items()
+                    )
+                elif prompt_embeddings is None:
                     conditioning = encode(batch["input_ids"], text_encoders)
                 else:
                     rows = [prompt_embeddings[tuple(row)] for row in batch["input_ids"].tolist()]
@@ -1905,6 +1949,8 @@ def main(args: argparse.Namespace) -> dict:
                     loss = instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
                 else:
                     loss = per_example.mean()
+                if preserved_ids is not None:
+                    loss = loss + args.text_encoder_preservation * preservation_loss
                 if args.mpc:
                     loss = loss + args.mpc_weight * mpc_penalty(trained.values(), ADAPTER_NAME, args.mpc)
 
