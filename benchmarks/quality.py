@@ -159,6 +159,8 @@ RECIPES: dict[str, str] = {
     "prior-weight3": "--prior_loss_weight 3",
     "class-captions": "--class_captions",
     "class-captions256": "--class_captions --num_class_images 256",
+    "te-keep1": "--text_encoder_preservation 1",
+    "te-keep10": "--text_encoder_preservation 10",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts
