@@ -725,6 +725,8 @@ def test_text_encoder_preservation_keeps_other_prompts_as_the_base_reads_them(ti
         output = run(train_args(tiny, output_dir, "lora", "--instance_data_dir", str(subject), "--train_text_encoder",
                                 "--max_train_steps", "8", "--text_encoder_preservation", weight))  # fmt: skip
         assert ("Text encoder preservation on 4 prompts, weight 100.0" in output) == (weight == "100")
+        card = (output_dir / "README.md").read_text()
+        assert ("prompts without the identifier kept (weight 100)" in card) == (weight == "100")
         adapter = output_dir / "adapter.safetensors"
         changes[weight] = [
             text_encoder_change(tiny["base"], adapter, p) for p in (["", "a circle"], ["a sks circle"])

@@ -1401,6 +1401,8 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     base = display_name(args.pretrained_model_name_or_path)
     prior = f', prior preservation with "{args.class_prompt}"' if args.with_prior_preservation else ""
     prior += " (class images with their own captions)" if args.class_captions else ""
+    if args.text_encoder_preservation:
+        prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
     captions = " (each with its own caption)" if args.instance_captions else ""
     conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
     other_rates = (
@@ -2003,6 +2005,8 @@ def main(args: argparse.Namespace) -> dict:
                         log_validation(training_pipeline(), args, accelerator, name, global_step)
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if preserved_ids is not None:  # how far the text encoder moved on the preserved prompts
+                logs["te_drift"] = preservation_loss.detach().item()
             progress_bar.set_postfix(**logs)
             if global_step >= args.max_train_steps:
                 break
