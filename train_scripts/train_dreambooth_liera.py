@@ -196,9 +196,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--class_captions",
         action="store_true",
         help="Train each class image with its own caption instead of --class_prompt (kohya's captioned "
-        "regularisation images): the text of <image stem>.txt beside it. Missing class images are generated "
-        f'from the {PROMPTS_FILE} "class_prompts" of the instance folder (varied prompts of the class, one image each, in turn), each saved '
-        "with its caption, so the prior keeps the words those prompts use (colours, patterns, settings).",
+        "regularisation images): the text of <image stem>.txt beside it. Missing class images are "
+        f'generated from the instance folder\'s {PROMPTS_FILE} "class_prompts" (varied prompts of the '
+        "class, one image each, in turn), each saved with its caption. On generated class images it hurt "
+        "prompt following in benchmarks/quality.py (README, Prompt following).",
     )
     model.add_argument(
         "--with_prior_preservation",
@@ -1729,8 +1730,8 @@ def main(args: argparse.Namespace) -> dict:
     # which the adapted ones must keep (each step draws train_batch_size of them).
     preserved_ids, preserved = None, {}
     if args.text_encoder_preservation:
-        prompts = dict.fromkeys(["", args.class_prompt or "", *(args.class_prompts or [])])
-        preserved_ids = torch.cat([tokenize(prompt) for prompt in prompts]).to(accelerator.device)
+        kept_prompts = dict.fromkeys(["", args.class_prompt or "", *(args.class_prompts or [])])
+        preserved_ids = torch.cat([tokenize(prompt) for prompt in kept_prompts]).to(accelerator.device)
         adapted_encoders = [text_encoders[name] for name in trained if name != family.denoiser]
         for text_encoder in adapted_encoders:
             plugin.disable_adapters(text_encoder)
@@ -1739,7 +1740,7 @@ def main(args: argparse.Namespace) -> dict:
         for text_encoder in adapted_encoders:
             plugin.enable_adapters(text_encoder)
         logger.info(
-            f"  Text encoder preservation on {len(prompts)} prompts, weight {args.text_encoder_preservation}"
+            f"  Text encoder preservation on {len(kept_prompts)} prompts, weight {args.text_encoder_preservation}"
         )
 
     train_dataloader = torch.utils.data.DataLoader(
