@@ -159,6 +159,7 @@ RECIPES: dict[str, str] = {
     "prior-weight3": "--prior_loss_weight 3",
     "class-captions": "--class_captions",
     "class-captions256": "--class_captions --num_class_images 256",
+    "te-keep0.1": "--text_encoder_preservation 0.1",
     "te-keep1": "--text_encoder_preservation 1",
     "te-keep10": "--text_encoder_preservation 10",
 }
