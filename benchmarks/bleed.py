@@ -37,8 +37,7 @@ def attribute_failures(judge: Judge, subject: dict | None) -> dict:
     (wrong colour sets) are the subject's."""
     from plugin.toy.analyser import _colours_match, analyse, score_image
 
-    texts = [p["prompt"] for p in judge.prompts]
-    images = judge.generate(texts, [p["seed"] for p in judge.prompts])
+    texts, images = judge.prompt_images()
     rows = [score_image(image, text) for image, text in zip(images, texts)]
     found = [analyse(image).main for image in images]
     out = {"prompts": len(rows), "all right": sum(all(v for v in r.values() if v is not None) for r in rows)}
@@ -61,7 +60,6 @@ def accuracy_by_part(judge: Judge, models: dict) -> dict:
     import plugin
     from plugin.toy.analyser import score_images
 
-    texts = [p["prompt"] for p in judge.prompts]
     out = {}
     for part, model in models.items():
         if not plugin.list_adapters(model):
@@ -70,7 +68,8 @@ def accuracy_by_part(judge: Judge, models: dict) -> dict:
         for other in others:
             plugin.disable_adapters(other)
         try:
-            accuracy = score_images(judge.generate(texts, [p["seed"] for p in judge.prompts]), texts)["all"]
+            texts, images = judge.prompt_images()
+            accuracy = score_images(images, texts)["all"]
         finally:
             for other in others:
                 plugin.enable_adapters(other)

@@ -426,6 +426,11 @@ class Judge:
                 if name in plugin.list_adapters(model):
                     plugin.delete_adapters(model, name)
 
+    def prompt_images(self) -> tuple[list[str], list]:
+        """The non-subject prompts of prompt following and the current model's images of them."""
+        texts = [p["prompt"] for p in self.prompts]
+        return texts, self.generate(texts, [p["seed"] for p in self.prompts])
+
     def class_folder(self, shape: str, folder: Path) -> Path:
         """CLASS_IMAGES images the base generates for "a <shape>" (DreamBooth's class images), once."""
         if folder.is_dir():
@@ -507,8 +512,8 @@ class Judge:
         train_views = [load_rgb(path) for path in list_images(folder)]
         heldout_views = [load_rgb(path) for path in list_images(folder / "heldout")]
         with self.loaded(adapter):
-            texts = [p["prompt"] for p in self.prompts]
-            accuracy = score_images(self.generate(texts, [p["seed"] for p in self.prompts]), texts)
+            texts, images = self.prompt_images()
+            accuracy = score_images(images, texts)
             samples, verdicts = {}, {}
             subject_prompts = self.subject_prompts(index)
             for kind, kind_prompts in subject_prompts.items():
