@@ -435,11 +435,15 @@ def contender_for(library: str, options: dict) -> Contender:
 # --- one contender, in its own process ----------------------------------------------------------
 
 
-def build_unet(config_path: str):
+def build_unet(config_path: str, device: str = "cpu"):
+    """The UNet of `config_path` with random weights, initialised on `device` (an SDXL UNet's
+    initialisation takes about a minute on the CPU, seconds on a GPU)."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     config = json.loads(Path(config_path).read_text())
-    return UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    with torch.device(device):
+        return UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def added_conditioning(config, batch: int, generator) -> dict | None:
@@ -476,7 +480,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     autocast = torch.autocast(torch.device(device).type, dtype=half, enabled=half is not None)
 
     torch.manual_seed(0)
-    unet = build_unet(args.config).to(device, dtype=half)
+    unet = build_unet(args.config, device).to(device, dtype=half)
     unet.requires_grad_(False)
     reference = copy.deepcopy(unet).eval()  # the untouched base, timed alongside
     generator = torch.Generator().manual_seed(1)
