@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 import time
 from pathlib import Path
@@ -323,8 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.contenders:
         print(f"profiling {name}", flush=True)
         results[name] = profile_contender(name, base, inputs, args, timer)
+        gc.collect()  # the contender's copy of the UNet, and the profiler's events, go before the next
         if device.startswith("cuda"):
-            torch.cuda.empty_cache()  # the contender's copy of the UNet is gone
+            torch.cuda.empty_cache()
         r = results[name]
         print(f"  step {1000 * r['step_s']:.1f} ms, host {1000 * r['host_s']:.1f} ms, "
               f"{r['kernels_per_step']:.0f} kernels, busy {r['device_busy_ms_per_step']:.1f} ms", flush=True)  # fmt: skip

@@ -3,9 +3,9 @@
 Two things have no public API: a tensor's version counter (to know that an adapter tensor was edited
 in place) and TensorLy's per-thread backend slot (to run TensorLy on torch without changing the
 backend a user chose). `tests/test_compat.py` checks both, so a torch or TensorLy upgrade that changes
-them fails there, by name, instead of somewhere deep in a forward pass. The convolution helpers are
-public API (`torch.nn.functional`, `torch.nn.grad`), kept here so that a layer's padding rules live in
-one function.
+them fails there, by name, instead of somewhere deep in a forward pass. The convolution helpers use
+public ops (`torch.nn.functional`, and `aten.convolution_backward`, which a conv's autograd calls),
+kept here so that a layer's padding rules live in one function.
 """
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ from tensorly.backend import BackendManager
 from torch import nn
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-CONV_INPUT_GRAD = {
-    1: torch.nn.grad.conv1d_input,
-    2: torch.nn.grad.conv2d_input,
-    3: torch.nn.grad.conv3d_input,
-}
-CONV_WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
-}
 
 
 def tensor_version(tensor: torch.Tensor) -> int:
@@ -76,7 +66,15 @@ def conv_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The gradients of `conv(layer, x, weight, None)` for the input (if `input_grad`) and the weight,
     given the output's gradient, for a zero-padded conv with numeric padding."""
+    # One `aten.convolution_backward` for both gradients (what autograd calls for a conv): the
+    # `torch.nn.grad` helpers run it once per gradient.
     dims = weight.ndim - 2
-    where = (layer.stride, layer.padding, layer.dilation, layer.groups)
-    grad_x = CONV_INPUT_GRAD[dims](x.shape, weight, grad, *where) if input_grad else None
-    return grad_x, CONV_WEIGHT_GRAD[dims](x, weight.shape, grad, *where)
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, _tuple(layer.stride, dims), _tuple(layer.padding, dims),
+        _tuple(layer.dilation, dims), False, [0] * dims, layer.groups, [input_grad, True, False],
+    )  # fmt: skip
+    return grad_x, grad_weight
+
+
+def _tuple(value: int | tuple[int, ...], dims: int) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * dims

@@ -44,6 +44,19 @@ class Adapter(nn.Module):
         self.extra_names = tuple(extra or ())
         for name, tensor in (extra or {}).items():
             setattr(self, name, nn.Parameter(tensor.to(torch.float32, copy=True)))
+        self._scale_read: tuple[torch.Tensor, int, float] | None = None  # (buffer, its version, value)
+
+    def coefficient(self, multiplier: float) -> float | torch.Tensor:
+        """`c = m·s` as a Python number. On a GPU, `m * scale` would be a kernel per layer and pass
+        (steps there are bound by launches, not arithmetic); the buffer is read again, one wait for
+        the device, only after it was replaced or edited in place (loading a file copies into it)."""
+        scale = self.scale
+        if torch.compiler.is_compiling():  # the compiler folds the product; it cannot trace `_version`
+            return multiplier * scale
+        read = self._scale_read
+        if read is None or read[0] is not scale or read[1] != tensor_version(scale):
+            read = self._scale_read = (scale, tensor_version(scale), float(scale))
+        return multiplier * read[2]
 
     def term(self, multiplier: float, weight: torch.Tensor) -> Term:
         """This adapter's contribution at user weight `multiplier`, on the original weight `W`."""
@@ -53,7 +66,7 @@ class Adapter(nn.Module):
     def factors(self, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`(F, P)` with the scaled update `c·D = reshape(F @ P, W.shape)` (`Backend.factors`)."""
         with float32_rebuild(self.scale):
-            return self.backend.factors(multiplier * self.scale)
+            return self.backend.factors(self.coefficient(multiplier))
 
     def tensors(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
         """FORMAT.md's tensors for this module, by name. With `trained_only`, an update that continues
@@ -110,25 +123,34 @@ class AdaptedLayer(nn.Module):
             plain = None  # W x without the bias, for compositions that scale it (DoRA)
             if any(a.composition.bypass_uses_plain for a, _ in adapters):
                 plain = out if layer.bias is None else out - self._bias_for(out, layer.bias)
-            x_adapter = x.to(adapters[0][0].scale.dtype)
+            # Under autocast the adapter's products run at the autocast dtype anyway: casting the
+            # activations up to float32 first would only add a cast there and back.
+            autocast = torch.is_autocast_enabled(x.device.type)
+            x_adapter = x if autocast else x.to(adapters[0][0].scale.dtype)
             for adapter, multiplier in adapters:
                 update = adapter.composition.bypass(adapter, multiplier, layer, x_adapter, plain)
                 out = out + update.to(out.dtype)
             return out
         if torch.is_grad_enabled():
             self._weight_cache = None
-            params = [p for adapter, _ in adapters for p in adapter.parameters() if p.requires_grad]
             # Under torch.compile the compiler decides what backward keeps (its partitioner recomputes
-            # cheap tensors such as W' too), and the hand-written backward would not trace.
-            if params and self._can_recompute_weight() and not torch.compiler.is_compiling():
-                return _RecomputedWeight.apply(self, adapters, x, *params)
+            # cheap tensors such as W' too), and the hand-written backwards would not trace.
+            if self._can_recompute_weight() and not torch.compiler.is_compiling():
+                if self._rebuilds_in_place(adapters):
+                    adapter, multiplier = adapters[0]
+                    left, right = adapter.factors(multiplier)
+                    if left.requires_grad or right.requires_grad:
+                        return _FactoredWeight.apply(self, adapter, x, left, right)
+                params = [p for adapter, _ in adapters for p in adapter.parameters() if p.requires_grad]
+                if params:
+                    return _RecomputedWeight.apply(self, adapters, x, *params)
             return self._forward_with_weight(x, self.adapted_weight(adapters))
         return self._forward_with_weight(x, self._cached_adapted_weight(adapters))
 
     def _rebuilds_in_place(self, adapters: list[tuple[Adapter, float]]) -> bool:
-        """One adapter on an unfused float32 weight, whose update is one matrix product and whose
-        composition can build `W'` in that product's memory."""
-        if len(adapters) != 1 or self.fused or self.base_layer.weight.dtype != torch.float32:
+        """One adapter on an unfused weight, whose update is one matrix product and whose
+        composition can build `W'` in that product's memory (float32, whatever the base's dtype)."""
+        if len(adapters) != 1 or self.fused:
             return False
         adapter = adapters[0][0]
         return adapter.composition.in_place and adapter.backend.has_factors
@@ -274,60 +296,74 @@ class _RecomputedWeight(torch.autograd.Function):
     """`layer(x)` with the rebuilt weight `W'`, keeping `x` and the adapter tensors for backward
     but not `W'`: a weight-sized copy per layer is what made training memory grow. Backward
     rebuilds `W'` (a few passes over the weight, cheap next to the weight gradient it needs
-    anyway), then runs the layer's own backward formulas, not its forward again.
-
-    With one adapter on a float32 weight (the usual training set-up) `W'` is built in a per-thread
-    workspace that every layer reuses, and the gradient through it in the weight gradient's memory.
-    """
+    anyway), then runs the layer's own backward formulas, not its forward again. The general case
+    (several adapters, fused ones, updates that are not one product); `_FactoredWeight` is the
+    usual one."""
 
     @staticmethod
     def forward(ctx, adapted: AdaptedLayer, adapters: list, x: torch.Tensor, *params: torch.Tensor):
         ctx.adapted, ctx.adapters = adapted, adapters
         ctx.save_for_backward(x, *params)
-        if adapted._rebuilds_in_place(adapters):
-            adapter, multiplier = adapters[0]
-            weight = _rebuild_in_workspace(adapted.base_layer.weight, adapter, *adapter.factors(multiplier))
-        else:
-            weight = adapted.adapted_weight(adapters)
-        return adapted._forward_with_weight(x, weight)
+        return adapted._forward_with_weight(x, adapted.adapted_weight(adapters))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, *params = ctx.saved_tensors
-        adapted, layer = ctx.adapted, ctx.adapted.base_layer
-        in_place = adapted._rebuilds_in_place(ctx.adapters)
-        if in_place:
-            adapter, multiplier = ctx.adapters[0]
-            with torch.enable_grad():
-                left, right = adapter.factors(multiplier)
-            weight = _rebuild_in_workspace(layer.weight, adapter, left.detach(), right.detach())
-        else:
-            with torch.enable_grad():
-                weight = adapted.adapted_weight(ctx.adapters)
-        with torch.no_grad():
-            # The layer's operation ran at the gradient's dtype (lower than W' under autocast).
-            x_op, weight_op = x.to(grad.dtype), weight.to(grad.dtype)
-            if isinstance(layer, nn.Linear):
-                grad_2d = grad.reshape(-1, grad.shape[-1])
-                grad_x = (grad @ weight_op) if ctx.needs_input_grad[2] else None
-                grad_weight = grad_2d.T @ x_op.reshape(-1, x.shape[-1])
-            else:
-                grad_x, grad_weight = conv_backward(layer, x_op, weight_op, grad, ctx.needs_input_grad[2])
-            del weight_op
-            grad_weight = grad_weight.to(weight.dtype)
-        if not in_place:
-            grad_params = torch.autograd.grad(weight, params, grad_weight, allow_unused=True)
-            return (None, None, grad_x, *grad_params)
-        with torch.no_grad():
-            grad_update = adapter.composition.pull_back_in_place(grad_weight, layer.weight, weight)
-            del weight  # the workspace is the next layer's
-            grad_update = grad_update.reshape(left.shape[0], right.shape[1])
-            grad_left, grad_right = grad_update @ right.detach().T, left.detach().T @ grad_update
-        # A factor can be a constant (rowcol's ones): only the ones with a graph pass gradients on.
-        pairs = [(f, g) for f, g in ((left, grad_left), (right, grad_right)) if f.requires_grad]
-        outputs, grads = zip(*pairs)
-        grad_params = torch.autograd.grad(outputs, params, grads, allow_unused=True)
+        adapted = ctx.adapted
+        with torch.enable_grad():
+            weight = adapted.adapted_weight(ctx.adapters)
+        grad_x, grad_weight = _layer_backward(adapted.base_layer, x, weight, grad, ctx.needs_input_grad[2])
+        grad_params = torch.autograd.grad(weight, params, grad_weight.to(weight.dtype), allow_unused=True)
         return (None, None, grad_x, *grad_params)
+
+
+class _FactoredWeight(torch.autograd.Function):
+    """`layer(x)` with `W'` of one adapter whose scaled update is `left @ right` (the usual training
+    set-up), built in a per-thread workspace that every layer reuses, with the gradient through it
+    in the weight gradient's memory. Like `_RecomputedWeight` it keeps `x`, not `W'`.
+
+    The factors come in as inputs, computed by the caller's autograd graph, so backward returns
+    their gradients to the one backward pass instead of running a second one per layer (on a GPU
+    a step is bound by the host's launches and such passes, not by arithmetic).
+    """
+
+    @staticmethod
+    def forward(ctx, adapted: AdaptedLayer, adapter: Adapter, x: torch.Tensor, left, right):
+        ctx.adapted, ctx.adapter = adapted, adapter
+        ctx.save_for_backward(x, left, right)
+        weight = adapted.base_layer.weight
+        adapted_weight = _rebuild_in_workspace(weight, adapter, left, right)
+        # The layer's operation at the base's dtype, as it runs without adapters (autocast casts to
+        # its own dtype either way).
+        return adapted._forward_with_weight(x, adapted_weight.to(weight.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, left, right = ctx.saved_tensors
+        layer, adapter = ctx.adapted.base_layer, ctx.adapter
+        weight = _rebuild_in_workspace(layer.weight, adapter, left, right)
+        grad_x, grad_weight = _layer_backward(layer, x, weight, grad, ctx.needs_input_grad[2])
+        grad_update = adapter.composition.pull_back_in_place(grad_weight.float(), layer.weight, weight)
+        del weight  # the workspace is the next layer's
+        grad_update = grad_update.reshape(left.shape[0], right.shape[1])
+        grad_left = grad_update @ right.T if ctx.needs_input_grad[3] else None
+        grad_right = left.T @ grad_update if ctx.needs_input_grad[4] else None
+        return None, None, grad_x, grad_left, grad_right
+
+
+def _layer_backward(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, input_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The gradients of `layer`'s operation with weight `weight` for its input (if `input_grad`) and
+    the weight, given the output's. The operation ran at the gradient's dtype (lower than `W'` under
+    autocast); the weight's gradient comes back in that dtype."""
+    with torch.no_grad():
+        x_op, weight_op = x.to(grad.dtype), weight.to(grad.dtype)
+        if isinstance(layer, nn.Linear):
+            grad_x = (grad @ weight_op) if input_grad else None
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x_op.reshape(-1, x.shape[-1])
+            return grad_x, grad_weight
+        return conv_backward(layer, x_op, weight_op, grad, input_grad)
 
 
 class _Workspace(threading.local):

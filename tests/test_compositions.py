@@ -262,6 +262,35 @@ def test_one_adapter_rebuilds_in_place_with_the_same_gradients(variant, monkeypa
     assert_same_gradients_as_plain_autograd(block, torch.randn(4, 6, 7, 7, requires_grad=True), monkeypatch)
 
 
+@pytest.mark.parametrize(
+    "variant", [("lie", "tucker", "exp"), ("lie", "lowrank", "linear"), ("additive", "cp", "exp")]
+)
+def test_a_half_precision_base_rebuilds_in_place_with_the_same_gradients(variant, monkeypatch):
+    """A bf16 base under autocast (GPU training) takes the in-place path too: `W'` built in float32,
+    the layer's operation in bf16, and the gradients of plain autograd through the same formula."""
+    block = adapted_block([variant])
+    block.conv.base_layer.to(torch.bfloat16)
+    plugin.set_adapters(block, ["a0"], [0.5])
+    assert block.conv._rebuilds_in_place(block.conv.unfused_terms_active())
+    x = torch.randn(4, 6, 7, 7, dtype=torch.bfloat16)
+
+    def bf16_gradients():
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block.conv(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        return {n: p.grad.clone() for n, p in block.conv.named_parameters() if p.grad is not None}
+
+    grads = bf16_gradients()
+    monkeypatch.setattr(plugin.AdaptedLayer, "_can_recompute_weight", lambda self: False)
+    plain = bf16_gradients()
+    assert grads and grads.keys() == plain.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and torch.count_nonzero(grad)
+        torch.testing.assert_close(grad, plain[name], rtol=0.02, atol=0.02 * plain[name].abs().max().item())
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_gradients_match_the_formula(variant):
     """Every path the layer may take (bypass, in-place rebuild, recomputed rebuild) against autograd

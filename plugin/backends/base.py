@@ -16,9 +16,10 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..compat import CONV, tensorly  # noqa: F401 (the backends' shared imports)
+from ..compat import CONV, conv, tensorly  # noqa: F401 (the backends' shared imports)
 
 
 class Backend(nn.Module):
@@ -118,6 +119,32 @@ class Backend(nn.Module):
         for head, items in lists.items():
             setattr(backend, head, nn.ParameterList([loaded(items[i]) for i in range(len(items))]))
         return backend
+
+
+def scaled(tensor: torch.Tensor, coefficient: float | torch.Tensor) -> torch.Tensor:
+    """`coefficient * tensor`, or `tensor` itself when the coefficient is the number 1 (the usual
+    `m·s`): on a GPU a step is bound by kernel launches, and this one would be a product by one."""
+    if isinstance(coefficient, float | int) and coefficient == 1:
+        return tensor
+    return coefficient * tensor
+
+
+def factored_bypass(backend: Backend, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer`'s operation with weight `D = left @ right` (the backend's `factors`) on `x`, without
+    building `D`: the operation with `right` as an `r`-channel weight, then a 1x1 projection with
+    `left` (LoRA's two products). The factors are built in float32, autocast or not: cast once by
+    the two products, not at every small product that builds them."""
+    with torch.autocast(x.device.type, enabled=False):
+        left, right = backend.factors(1.0)
+    if isinstance(layer, nn.Linear):
+        return F.linear(F.linear(x, right), left)
+    hidden = conv(layer, x, right.reshape(right.shape[0], *backend.shape[1:]), None)
+    return CONV[x.ndim - 2](hidden, left.reshape(*left.shape, *[1] * (x.ndim - 2)))
+
+
+def factored_bypass_flops(backend: Backend, out_positions: int, rank: int) -> int:
+    """Multiply-adds of `factored_bypass` at `out_positions` with factors of inner size `rank`."""
+    return out_positions * rank * (fan_in(backend.shape) + backend.shape[0])
 
 
 def loaded(tensor: torch.Tensor) -> nn.Parameter:

@@ -5,12 +5,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..compat import conv
 from ..config import Rank, matrix_rank
-from .base import CONV, Backend, fan_in, from_parts, principal_triplets
+from .base import (
+    Backend,
+    factored_bypass,
+    factored_bypass_flops,
+    fan_in,
+    from_parts,
+    principal_triplets,
+    scaled,
+)
 
 
 class LowRank(Backend):
@@ -27,7 +33,7 @@ class LowRank(Backend):
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
 
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return coefficient * self.lora_up, self.lora_down
+        return scaled(self.lora_up, coefficient), self.lora_down
 
     def delta_flops(self) -> int:
         return math.prod(self.shape) * self.lora_up.shape[1]
@@ -36,15 +42,10 @@ class LowRank(Backend):
         return getattr(layer, "groups", 1) == 1
 
     def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, nn.Linear):
-            return F.linear(F.linear(x, self.lora_down), self.lora_up)
-        r = self.lora_down.shape[0]
-        hidden = conv(layer, x, self.lora_down.reshape(r, *self.shape[1:]), None)
-        return CONV[x.ndim - 2](hidden, self.lora_up.reshape(*self.lora_up.shape, *[1] * (x.ndim - 2)))
+        return factored_bypass(self, layer, x)
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
-        (r, width), out = self.lora_down.shape, self.shape[0]
-        return out_positions * r * (width + out)
+        return factored_bypass_flops(self, out_positions, self.lora_down.shape[0])
 
     @classmethod
     def combine(cls, parts):

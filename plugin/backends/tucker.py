@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import math
-
 import tensorly as tl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..compat import conv
 from ..config import Rank, mode_ranks
-from .base import CONV, Backend, factor_list, from_parts, mode_dot, principal_triplets, tensorly
+from .base import (
+    Backend,
+    factor_list,
+    factored_bypass,
+    factored_bypass_flops,
+    from_parts,
+    mode_dot,
+    principal_triplets,
+    scaled,
+    tensorly,
+)
 
 
 def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
@@ -43,7 +49,7 @@ class Tucker(Backend):
             nn.init.orthogonal_(factor)
 
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        core = _tucker_kernel_modes(coefficient * self.tucker_core, list(self.tucker_factor))
+        core = _tucker_kernel_modes(scaled(self.tucker_core, coefficient), list(self.tucker_factor))
         return self.tucker_factor[0], core.reshape(core.shape[0], -1)
 
     def delta_flops(self) -> int:
@@ -58,26 +64,14 @@ class Tucker(Backend):
         return getattr(layer, "groups", 1) == 1
 
     def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # A 1x1 projection to r_1 channels, a small conv with the core times the kernel factors
-        # (r_1 -> r_0 channels, the layer's own stride/padding), a 1x1 projection to `out`: LoCon-Tucker.
-        out_factor, in_factor, *kernel_factors = self.tucker_factor
-        if isinstance(layer, nn.Linear):
-            return F.linear(F.linear(F.linear(x, in_factor.T), self.tucker_core), out_factor)
-        ones = [1] * (x.ndim - 2)
-        pointwise = CONV[x.ndim - 2]
-        kernel = self.tucker_core
-        for mode, factor in enumerate(kernel_factors, start=2):
-            kernel = mode_dot(kernel, factor, mode)
-        hidden = pointwise(x, in_factor.T.reshape(*in_factor.T.shape, *ones))
-        hidden = conv(layer, hidden, kernel, None)
-        return pointwise(hidden, out_factor.reshape(*out_factor.shape, *ones))
+        # LoRA's two products with the factors `(F_0, core x_1 F_1 ... x_N F_N)`. LyCORIS' Tucker runs
+        # three (1x1 to r_1, the core's small conv, 1x1 out) for fewer multiply-adds, but the adapter's
+        # products are a few percent of the layer's either way, and on a GPU a step is bound by kernel
+        # launches: two products and their casts, not three and the kernel's.
+        return factored_bypass(self, layer, x)
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
-        r_out, r_in = self.tucker_core.shape[:2]
-        kernel = math.prod(self.shape[2:])
-        return in_positions * self.shape[1] * r_in + out_positions * (
-            r_in * r_out * kernel + r_out * self.shape[0]
-        )
+        return factored_bypass_flops(self, out_positions, self.tucker_core.shape[0])
 
     @classmethod
     def combine(cls, parts):

@@ -75,7 +75,9 @@ class Composition:
         """What this adapter adds to the layer's output, given its input `x` and (if
         `bypass_uses_plain`) `plain = W x` without the bias: `(W' - W) x` without building `W'`.
         Default: `c · D x` (additive)."""
-        return (multiplier * adapter.scale) * adapter.backend.bypass(layer, x)
+        coefficient = adapter.coefficient(multiplier)
+        update = adapter.backend.bypass(layer, x)
+        return update if isinstance(coefficient, float) and coefficient == 1 else coefficient * update
 
     def bypass_flops(self, adapter: Adapter, out_positions: int) -> int:
         """Multiply-adds `bypass` needs beyond the backend's own bypass."""
