@@ -156,7 +156,8 @@ RECIPES: dict[str, str] = {
     **{f"flora-conv{lr}": f"--conv_learning_rate {lr}" for lr in ("1e-3", "5e-4")},
     # Prompt following (issue 11): the text encoders' own rate, and the prior's weight, on the defaults.
     **{f"te-rate{lr}": f"--text_encoder_lr {lr}" for lr in ("1e-4", "3e-3")},
-    "prior-weight3": "--prior_loss_weight 3",
+    "prior-weight3": "--prior_loss_weight 3",  # lora's and flora's default since (DEFAULT_PRIOR_LOSS_WEIGHTS)
+    "prior-weight1": "--prior_loss_weight 1",  # their default before, diffusers' weight
     "class-captions": "--class_captions",
     "class-captions256": "--class_captions --num_class_images 256",
     "te-keep0.1": "--text_encoder_preservation 0.1",

@@ -424,6 +424,13 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
     assert args.class_data_dir == os.path.join("outputs", "dreambooth-liera", "class_images")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
     assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
+    assert args.prior_loss_weight == 1.0  # liera keeps diffusers' weight; lora and flora weigh the prior 3x
+    base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    assert script.parse_args([*base, "--adapter", "lora"]).prior_loss_weight == 3.0
+    assert script.parse_args([*base, "--adapter", "flora"]).prior_loss_weight == 3.0
+    assert (
+        script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
+    )
 
 
 def test_images_held_out_of_the_instance_folder_are_a_seeded_choice(script, tiny):
@@ -689,6 +696,9 @@ def test_text_encoder_lr_gives_the_text_encoder_a_group_of_its_own(script, capsy
     assert script.parse_args(args).text_encoder_lr is None
     assert "--text_encoder_lr must be positive, got -1" in refusal(
         script, capsys, [*args, "--text_encoder_lr", "-1"]
+    )
+    assert "--prior_loss_weight must be a finite number >= 0, got nan" in refusal(
+        script, capsys, [*args, "--prior_loss_weight", "nan"]
     )
     assert "--text_encoder_preservation keeps the adapted text encoder near the base" in refusal(
         script, capsys, [*args, "--text_encoder_preservation", "1", "--no-train_text_encoder"]
