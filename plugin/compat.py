@@ -10,6 +10,7 @@ kept here so that a layer's padding rules live in one function.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -48,6 +49,14 @@ def tensorly(fn: Callable, *args):
             local["backend"] = previous
         else:
             local.pop("backend", None)
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A region where autocast is off: `torch.autocast(enabled=False)` where it is on, else nothing
+    (entering an autocast region costs host time in every layer's forward)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def conv(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

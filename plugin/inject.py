@@ -275,6 +275,7 @@ def delete_adapters(model: nn.Module, names: str | list[str]) -> None:
             if name in layer.adapters:
                 del layer.adapters[name]
                 layer.active.pop(name, None)
+                layer._plan = None  # holds the adapters it was made for
         if not layer.adapters:
             replace_layer(model, path, layer.base_layer)
     for name in names:

@@ -7,6 +7,7 @@ allows it, runs them as a bypass on the activations, whichever costs fewer multi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -14,16 +15,16 @@ import torch
 from torch import nn
 
 from .backends import Backend, trained_part
-from .compat import conv, conv_backward, tensor_version
+from .compat import conv, conv_backward, no_autocast, tensor_version
 from .compositions import Composition, Term, all_finite, compose
 
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def float32_rebuild(like: torch.Tensor) -> torch.autocast:
+def float32_rebuild(like: torch.Tensor) -> contextlib.AbstractContextManager:
     """Adapters rebuild in float32 (FORMAT.md's math) even inside a mixed-precision autocast
     region; only the layer's own operation runs at the autocast dtype, as it would without them."""
-    return torch.autocast(like.device.type, enabled=False)
+    return no_autocast(like.device.type)
 
 
 class Adapter(nn.Module):
@@ -90,6 +91,7 @@ class AdaptedLayer(nn.Module):
         self.enabled = True
         self.runtime_scale = 1.0  # diffusers' `cross_attention_kwargs={"scale": x}`
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._plan: tuple[tuple, bool] | None = None  # (inputs, bypass or not) of `_bypass_is_cheaper`
         # While anything is fused: the original weight, on the CPU (the very tensor, for a CPU layer).
         # Unfusing puts it back, so it is exact in every dtype (FORMAT.md), and `dora` terms, which
         # need `W`, can still be built.
@@ -201,7 +203,15 @@ class AdaptedLayer(nn.Module):
         return compose(weight, terms, weight.dtype)
 
     def _bypass_is_cheaper(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
-        """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`."""
+        """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`. The
+        answer depends only on the adapters, the input's shape, training or not, and fusing, so it is
+        kept for the next call with the same (a Python cost in every layer's forward otherwise)."""
+        key = (x.shape, torch.is_grad_enabled(), bool(self.fused), *(adapter for adapter, _ in adapters))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, self._compare_costs(adapters, x))
+        return self._plan[1]
+
+    def _compare_costs(self, adapters: list[tuple[Adapter, float]], x: torch.Tensor) -> bool:
         layer = self.base_layer
         # Bypassed terms add on top of whatever is fused (W_f + A_u); a composition that needs the
         # original W (DoRA) says whether it can run on a fused layer.

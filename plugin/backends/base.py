@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import CONV, conv, tensorly  # noqa: F401 (the backends' shared imports)
+from ..compat import CONV, conv, no_autocast, tensorly  # noqa: F401 (the backends' shared imports)
 
 
 class Backend(nn.Module):
@@ -131,14 +131,21 @@ def scaled(tensor: torch.Tensor, coefficient: float | torch.Tensor) -> torch.Ten
 
 def factored_bypass(backend: Backend, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer`'s operation with weight `D = left @ right` (the backend's `factors`) on `x`, without
-    building `D`: the operation with `right` as an `r`-channel weight, then a 1x1 projection with
-    `left` (LoRA's two products). The factors are built in float32, autocast or not: cast once by
+    building `D` (`two_products`). The factors are built in float32, autocast or not: cast once by
     the two products, not at every small product that builds them."""
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x.device.type):
         left, right = backend.factors(1.0)
+    return two_products(layer, x, left, right, backend.shape)
+
+
+def two_products(
+    layer: nn.Module, x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """`layer`'s operation with weight `reshape(left @ right, shape)` and no bias on `x`: the
+    operation with `right` as an `r`-channel weight, then a 1x1 projection with `left` (LoRA's)."""
     if isinstance(layer, nn.Linear):
         return F.linear(F.linear(x, right), left)
-    hidden = conv(layer, x, right.reshape(right.shape[0], *backend.shape[1:]), None)
+    hidden = conv(layer, x, right.reshape(right.shape[0], *shape[1:]), None)
     return CONV[x.ndim - 2](hidden, left.reshape(*left.shape, *[1] * (x.ndim - 2)))
 
 

@@ -10,12 +10,12 @@ from torch import nn
 from ..config import Rank, matrix_rank
 from .base import (
     Backend,
-    factored_bypass,
     factored_bypass_flops,
     fan_in,
     from_parts,
     principal_triplets,
     scaled,
+    two_products,
 )
 
 
@@ -42,7 +42,7 @@ class LowRank(Backend):
         return getattr(layer, "groups", 1) == 1
 
     def bypass(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return factored_bypass(self, layer, x)
+        return two_products(layer, x, self.lora_up, self.lora_down, self.shape)
 
     def bypass_flops(self, in_positions: int, out_positions: int) -> int:
         return factored_bypass_flops(self, out_positions, self.lora_down.shape[0])
