@@ -232,16 +232,25 @@ def test_block_counts_clip_to_a_common_divisor():
         BlockDiag((8, 8), blocks=0)
 
 
-def test_mode_dot_and_khatri_rao_are_tensorlys():
-    """Plain-torch copies of TensorLy's products (the rebuilds must compile without graph breaks)."""
-    from plugin.backends.base import khatri_rao, mode_dot
+def test_plain_torch_products_are_tensorlys():
+    """Plain-torch copies of TensorLy's products (the rebuilds must compile without graph breaks):
+    Tucker's modes 1..N-1 (a Kronecker product of the kernel modes, then the input mode) and CP's
+    Khatri-Rao product."""
+    from plugin.backends.base import khatri_rao
+    from plugin.backends.tucker import _unfolded_without_mode_0
     from plugin.compat import tensorly
 
     torch.manual_seed(0)
-    tensor = torch.randn(4, 5, 3, 2)
-    for mode, size in enumerate(tensor.shape):
-        matrix = torch.randn(7, size)
-        expected = tensorly(tl.tenalg.mode_dot, tensor, matrix, mode)
-        torch.testing.assert_close(mode_dot(tensor, matrix, mode), expected)
+    for shape, ranks in [
+        ((6, 5), (3, 2)),
+        ((6, 5, 3), (3, 2, 2)),
+        ((6, 5, 3, 4), (3, 2, 2, 3)),
+        ((4, 3, 2, 3, 2), (2, 3, 1, 2, 2)),
+    ]:
+        core = torch.randn(ranks)
+        factors = [torch.randn(size, rank) for size, rank in zip(shape, ranks)]
+        modes = list(range(1, len(shape)))
+        expected = tensorly(tl.tenalg.multi_mode_dot, core, factors[1:], modes)
+        torch.testing.assert_close(_unfolded_without_mode_0(core, factors), expected.reshape(ranks[0], -1))
     matrices = [torch.randn(n, 6) for n in (3, 4, 2)]
     torch.testing.assert_close(khatri_rao(matrices), tensorly(tl.tenalg.khatri_rao, matrices))

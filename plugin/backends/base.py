@@ -160,17 +160,10 @@ def loaded(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.to(torch.float32, copy=True))
 
 
-def mode_dot(tensor: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
-    """TensorLy's `mode_dot`, the n-mode product `tensor ×_mode matrix`, in plain torch: the rebuilds
-    run every step, and TensorLy's backend dispatch is not traceable by `torch.compile` (graph breaks).
-    `tests/test_backends.py` holds it equal to TensorLy's."""
-    # A matmul (not `tensordot`, which refuses mixed dtypes under autocast before casting them).
-    return torch.movedim(torch.movedim(tensor, mode, -1) @ matrix.T, -1, mode)
-
-
 def khatri_rao(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """TensorLy's `khatri_rao` (column-wise Kronecker product, first matrix slowest) in plain torch,
-    for the same reason as `mode_dot`."""
+    """TensorLy's `khatri_rao` (column-wise Kronecker product, first matrix slowest) in plain torch:
+    the rebuilds run every step, and TensorLy's backend dispatch is not traceable by `torch.compile`
+    (graph breaks). `tests/test_backends.py` holds it equal to TensorLy's."""
     result = matrices[0]
     for matrix in matrices[1:]:
         result = (result[:, None, :] * matrix[None, :, :]).reshape(-1, result.shape[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import tensorly as tl
 import torch
 from torch import nn
@@ -13,25 +15,28 @@ from .base import (
     factored_bypass,
     factored_bypass_flops,
     from_parts,
-    mode_dot,
     principal_triplets,
     scaled,
     tensorly,
 )
 
 
-def _tucker_kernel_modes(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """TensorLy's `tucker_to_tensor` without mode 0, multiplying the modes in reverse order (in plain
-    torch, `mode_dot`).
+def _unfolded_without_mode_0(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """`core ×_1 F_1 ... ×_{N-1} F_{N-1}` unfolded along mode 0, `(r_0, in · kernel)`: TensorLy's
+    `tucker_to_tensor` without mode 0, in plain torch.
 
-    `tucker_to_tensor` expands mode 0 (out channels) first, so the kernel modes are then multiplied
-    into an almost full-size tensor, unfolded and copied each time. Expanding the small kernel modes
-    first leaves mode 0 to one plain matrix product (`Tucker.factors`), the only full-size step.
+    `tucker_to_tensor` expands mode 0 (out channels) first, so the other modes are then multiplied
+    into an almost full-size tensor. Expanding the small modes first leaves mode 0 to one plain
+    matrix product (`Tucker.factors`), the only full-size step. The kernel modes go in as one
+    Kronecker product of their factors and the input mode as one batched product: three small
+    products whatever the kernel's size (a step on a GPU is bound by its launches).
     """
-    result = core
-    for mode in reversed(range(1, core.ndim)):
-        result = mode_dot(result, factors[mode], mode)
-    return result
+    r_out, r_in = core.shape[:2]
+    unfolded = core.reshape(r_out, r_in, -1)
+    if core.ndim > 2:
+        kernel = functools.reduce(torch.kron, factors[2:])  # (kernel positions, kernel ranks)
+        unfolded = unfolded @ kernel.T
+    return torch.matmul(factors[1], unfolded).reshape(r_out, -1)  # F_1 on every r_out slice
 
 
 class Tucker(Backend):
@@ -49,8 +54,8 @@ class Tucker(Backend):
             nn.init.orthogonal_(factor)
 
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        core = _tucker_kernel_modes(scaled(self.tucker_core, coefficient), list(self.tucker_factor))
-        return self.tucker_factor[0], core.reshape(core.shape[0], -1)
+        factors = list(self.tucker_factor)
+        return factors[0], _unfolded_without_mode_0(scaled(self.tucker_core, coefficient), factors)
 
     def delta_flops(self) -> int:
         # Mode products one after another, last mode first: each multiplies in one factor.
