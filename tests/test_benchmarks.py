@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bleed, quality, speed, yardstick
+from benchmarks import bleed, profile_step, quality, speed, yardstick
 from plugin.toy.data import make_prompts
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
@@ -85,6 +85,24 @@ def test_speed_benchmark_trains_float32_adapters_on_a_bf16_base(tiny_config, tmp
         assert run["trainable_dtypes"] == ["torch.float32"], name
         assert run["train_step_s"] > 0 and run["fused_vs_base"] > 0
     assert "base in bfloat16, adapters in float32" in (tmp_path / "speed.md").read_text()
+
+
+def test_profile_step_times_steps_operators_and_single_layers(tiny_config, tmp_path):
+    names = ["peft-lora", "liera-tucker-exp"]
+    argv = ["--config", str(tiny_config), "--device", "cpu", "--latent-size", "8", "--batch", "1"]
+    argv += ["--contenders", *names, "--warmup", "1", "--steps", "2", "--profile-steps", "1"]
+    results = profile_step.main([*argv, "--layer-repeats", "1", "--output-dir", str(tmp_path), "--name", "p"])
+    assert list(results) == names
+    for result in results.values():
+        assert (
+            result["step_s"] > 0 and 0 < result["host_s"] <= result["step_s"] * 1.01 and result["modules"] > 0
+        )
+        assert result["kernels_per_step"] == 0  # no CUDA device: operators only
+        assert "aten::" in result["top_host"]
+        assert result["layers"], "no sampled layer found in the tiny UNet"
+        assert all(row["bare"] > 0 and row["adapted"] > 0 for row in result["layers"].values())
+    assert "## Training step" in (tmp_path / "p.md").read_text()
+    assert json.loads((tmp_path / "p.json").read_text())["results"]["peft-lora"]["step_s"] > 0
 
 
 @needs_proc
