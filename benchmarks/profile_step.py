@@ -115,11 +115,11 @@ class Timer:
         return time.perf_counter() - begin, host
 
 
-def profile_counts(prof, steps: int) -> dict:
+def profile_counts(prof, steps: int, top: int) -> dict:
     """Kernels, synchronisations and busy device time per step, from a profiler's events."""
     from torch.autograd import DeviceType
 
-    events = prof.events()
+    events, averages = prof.events(), prof.key_averages()
     device_events = [e for e in events if e.device_type == DeviceType.CUDA]
     syncs = {name: sum(e.name == name for e in events) / steps for name in (*SYNC_EVENTS, SCALAR_READS)}
     return {
@@ -130,19 +130,17 @@ def profile_counts(prof, steps: int) -> dict:
         )
         / steps,
         "syncs_per_step": syncs,
-        "top_device": _top(prof, "self_device_time_total"),
-        "top_host": _top(prof, "self_cpu_time_total"),
+        "top_device": _top(averages, "self_device_time_total", top),
+        "top_host": _top(averages, "self_cpu_time_total", top),
     }
 
 
-def _top(prof, key: str) -> str:
+def _top(averages, key: str, top: int) -> str:
+    """The `top` operators by `key`, as torch.profiler's table."""
     try:
-        return prof.key_averages().table(sort_by=key, row_limit=TOP[0], max_name_column_width=60)
+        return averages.table(sort_by=key, row_limit=top, max_name_column_width=60)
     except (AttributeError, KeyError, TypeError):  # older torch calls device time "cuda"
-        return prof.key_averages().table(sort_by=key.replace("device", "cuda"), row_limit=TOP[0])
-
-
-TOP = [12]
+        return averages.table(sort_by=key.replace("device", "cuda"), row_limit=top)
 
 
 def layer_costs(unet, captured: dict, timer: Timer, repeats: int, autocast) -> dict[str, dict]:
@@ -216,7 +214,7 @@ def profile_contender(name: str, base, inputs: dict, args, timer: Timer) -> dict
             train_step()
         if cuda:
             torch.cuda.synchronize()
-    counts = profile_counts(prof, args.profile_steps)
+    counts = profile_counts(prof, args.profile_steps, args.top)
 
     captured = {}
     hooks = [
@@ -296,7 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    TOP[0] = args.top
     device = args.device
     half = getattr(torch, HALF_DTYPES[args.mixed_precision]) if args.mixed_precision != "no" else None
     torch.manual_seed(0)

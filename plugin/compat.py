@@ -78,12 +78,9 @@ def conv_backward(
     # One `aten.convolution_backward` for both gradients (what autograd calls for a conv): the
     # `torch.nn.grad` helpers run it once per gradient.
     dims = weight.ndim - 2
+    # A ConvNd keeps stride, padding and dilation as tuples, one entry per spatial dimension.
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, _tuple(layer.stride, dims), _tuple(layer.padding, dims),
-        _tuple(layer.dilation, dims), False, [0] * dims, layer.groups, [input_grad, True, False],
+        grad, x, weight, None, layer.stride, layer.padding, layer.dilation, False, [0] * dims,
+        layer.groups, [input_grad, True, False],
     )  # fmt: skip
     return grad_x, grad_weight
-
-
-def _tuple(value: int | tuple[int, ...], dims: int) -> list[int]:
-    return list(value) if isinstance(value, (tuple, list)) else [value] * dims

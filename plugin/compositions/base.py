@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..backends.base import scaled
+
 if TYPE_CHECKING:
     from ..layer import Adapter
 
@@ -75,9 +77,7 @@ class Composition:
         """What this adapter adds to the layer's output, given its input `x` and (if
         `bypass_uses_plain`) `plain = W x` without the bias: `(W' - W) x` without building `W'`.
         Default: `c · D x` (additive)."""
-        coefficient = adapter.coefficient(multiplier)
-        update = adapter.backend.bypass(layer, x)
-        return update if isinstance(coefficient, float) and coefficient == 1 else coefficient * update
+        return scaled(adapter.backend.bypass(layer, x), adapter.coefficient(multiplier))
 
     def bypass_flops(self, adapter: Adapter, out_positions: int) -> int:
         """Multiply-adds `bypass` needs beyond the backend's own bypass."""
