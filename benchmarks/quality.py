@@ -163,6 +163,10 @@ RECIPES: dict[str, str] = {
     "te-keep0.1": "--text_encoder_preservation 0.1",
     "te-keep1": "--text_encoder_preservation 1",
     "te-keep10": "--text_encoder_preservation 10",
+    # Pivotal tuning (issue 11's prompt following): the identifier as new token embeddings, the text
+    # encoder unadapted; at the method's rate, and at textual inversion's larger one.
+    "ti": "--train_text_encoder_ti",
+    "ti-rate5e-3": "--train_text_encoder_ti --text_encoder_lr 5e-3",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts
@@ -410,22 +414,40 @@ class Judge:
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.prompts = make_prompts(args.num_prompts, seed=JUDGE_PROMPT_SEED)
+        self.identifier = None  # (word, new tokens) of a pivotal-tuning run's embeddings, while loaded
 
     @contextlib.contextmanager
     def loaded(self, adapter: Path | None, name: str = "judged"):
         """`adapter` on the base's UNet and text encoder while the block runs (nothing for None), removed
-        afterwards, so that the next adapter is judged on the base again."""
+        afterwards, so that the next adapter is judged on the base again. A pivotal-tuning run's
+        embeddings beside it are loaded too, and `said` writes the identifier as their tokens."""
         import plugin
+        from plugin.pivotal import EMBEDDINGS_FILENAME, load_embeddings
 
         models = {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
         if adapter is not None:
             plugin.load_adapter(adapter, models, name)
+            if (adapter.parent / EMBEDDINGS_FILENAME).is_file():
+                tokens, word = load_embeddings(self.pipe, adapter.parent / EMBEDDINGS_FILENAME)
+                self.identifier = word, tokens
         try:
             yield models
         finally:
             for model in models.values():
                 if name in plugin.list_adapters(model):
                     plugin.delete_adapters(model, name)
+            if self.identifier is not None:
+                self.pipe.unload_textual_inversion()
+                self.identifier = None
+
+    def said(self, prompts: list[str]) -> list[str]:
+        """The subject's prompts as the loaded adapter takes them (a pivotal run's tokens for its word)."""
+        from plugin.pivotal import replace_identifier
+
+        if self.identifier is None:
+            return prompts
+        word, tokens = self.identifier
+        return [replace_identifier(prompt, word, tokens) for prompt in prompts]
 
     def prompt_images(self) -> tuple[list[str], list]:
         """The non-subject prompts of prompt following and the current model's images of them."""
@@ -518,7 +540,7 @@ class Judge:
             samples, verdicts = {}, {}
             subject_prompts = self.subject_prompts(index)
             for kind, kind_prompts in subject_prompts.items():
-                samples[kind] = self.generate(kind_prompts, list(range(len(kind_prompts))))
+                samples[kind] = self.generate(self.said(kind_prompts), list(range(len(kind_prompts))))
                 verdicts[kind] = [analyse_subject(image, info) for image in samples[kind]]
             unseen = subject_prompts["unseen backgrounds"]
             every = [v for kind in verdicts.values() for v in kind]
@@ -528,8 +550,8 @@ class Judge:
                 for image, prompt in zip(samples["unseen backgrounds"], unseen)
             ]
             metrics = {
-                "train_loss": self.loss(train_views, list(prompts["captions"].values())),
-                "heldout_loss": self.loss(heldout_views, list(prompts["heldout"].values())),
+                "train_loss": self.loss(train_views, self.said(list(prompts["captions"].values()))),
+                "heldout_loss": self.loss(heldout_views, self.said(list(prompts["heldout"].values()))),
                 "class_loss": self.loss(class_images, [info["class_prompt"]] * len(class_images)),
                 "prompt_accuracy": accuracy["all"],
                 **{

@@ -755,3 +755,44 @@ def test_cache_latents_trains_the_same_adapter(tiny):
     # 3 instance and 2 class images of the resolution (one crop each); batches of 2, 1, 2, 1 (+ as many class).
     assert "--cache_latents: 5 image crops encoded once, for 12 uses" in output
     assert_same_adapter(output_dir, reference, atol=1e-4)
+
+
+def test_pivotal_tuning_learns_new_tokens_that_resume_and_load_into_diffusers(tiny):
+    """--train_text_encoder_ti: the identifier becomes <s0><s1> (embeddings.safetensors, textual
+    inversion's format), the text encoder gets no adapter, checkpoints resume the embeddings, and the
+    file the run loads back through diffusers reproduces the trained rows."""
+    from plugin.pivotal import read_embeddings
+
+    ti = ["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]
+    full = tiny["root"] / "pivotal"
+    output = run(train_args(tiny, full, "lora", *ti))
+    assert "Pivotal tuning: 'sks' learnt as <s0><s1> in text_encoder" in output
+    tensors, tokens, word = read_embeddings(full / "embeddings.safetensors")
+    assert tokens == ["<s0>", "<s1>"] and word == "sks" and tensors["emb_params"].shape == (2, 32)
+    assert (full / "checkpoint-2" / "embeddings.safetensors").is_file()
+    adapter_keys = load_file(full / "adapter.safetensors").keys()
+    assert adapter_keys and not any(key.startswith("text_encoder.") for key in adapter_keys)
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert metrics["saved_vs_trained_max_abs_diff"] == 0
+    card = (full / "README.md").read_text()
+    assert "load_textual_inversion" in card and "<s0><s1>" in card
+    run_file = json.loads((full / "run.json").read_text())
+    assert run_file["instance_prompt"] == "a <s0><s1> circle"
+
+    # Two steps, then resumed to four: the same embeddings and adapter as the run straight through.
+    halves = tiny["root"] / "pivotal-halves"
+    run(train_args(tiny, halves, "lora", *ti, "--max_train_steps", "2"))
+    run(train_args(tiny, halves, "lora", *ti, "--resume_from_checkpoint", "latest"))
+    resumed, _, _ = read_embeddings(halves / "embeddings.safetensors")
+    torch.testing.assert_close(resumed["emb_params"], tensors["emb_params"], rtol=0, atol=1e-6)
+    assert_same_adapter(halves, full)
+
+
+def test_pivotal_tuning_refuses_what_it_cannot_do(tiny, script, capsys, tmp_path):
+    args = train_args(tiny, tmp_path / "out", "lora", "--train_text_encoder_ti")
+    assert "--token_abstraction 'zzz' is not in the instance prompt 'a sks circle'" in refusal(
+        script, capsys, [*args, "--token_abstraction", "zzz"]
+    )
+    assert "--pre_compute_text_embeddings encodes the prompts once" in refusal(
+        script, capsys, [*args, "--pre_compute_text_embeddings"]
+    )

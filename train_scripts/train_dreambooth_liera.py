@@ -97,6 +97,7 @@ BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", 
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
 ADAPTER_FILENAME = "adapter.safetensors"
+EMBEDDINGS_FILENAME = "embeddings.safetensors"  # as plugin.pivotal, with --train_text_encoder_ti
 # In a checkpoint, beside the adapter file, when the adapter continues a frozen part (PiSSA, ReLoRA):
 # the trained and frozen parts apart, which resuming needs (plugin.procedures.training_state).
 TRAINING_STATE_FILENAME = "adapter_training_state.safetensors"
@@ -107,7 +108,8 @@ RUN_FILE = "run.json"  # in --output_dir and in every checkpoint: the run's iden
 RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
     "instance_captions", "train_images", "class_prompt", "class_captions", "with_prior_preservation",
-    "prior_loss_weight", "num_class_images", "train_text_encoder", "resolution", "center_crop",
+    "prior_loss_weight", "num_class_images", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",
+    "num_new_tokens_per_abstraction", "resolution", "center_crop",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
@@ -270,10 +272,31 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--train_text_encoder",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Also adapt the text encoder's attention projections (on by default: a new identifier such as "
-        "'sks' has an embedding the base never trained, and with prior preservation the UNet alone cannot "
-        "tell the subject from its class; see benchmarks/quality.py's sweep).",
+        default=None,
+        help="Also adapt the text encoder's attention projections (default: on, unless --train_text_encoder_ti: "
+        "a new identifier such as 'sks' has an embedding the base never trained, and with prior preservation "
+        "the UNet alone cannot tell the subject from its class; see benchmarks/quality.py's sweep).",
+    )
+    train.add_argument(
+        "--train_text_encoder_ti",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Pivotal tuning (diffusers' advanced scripts): learn the identifier (--token_abstraction) as "
+        f"--num_new_tokens_per_abstraction new token embeddings, <s0><s1>..., saved to {EMBEDDINGS_FILENAME} "
+        "(textual-inversion format), and leave the text encoders as they are, so prompts without the "
+        "identifier keep their meaning. Prompts then use the tokens in place of the identifier.",
+    )
+    train.add_argument(
+        "--token_abstraction",
+        type=str,
+        default="sks",
+        help="With --train_text_encoder_ti: the identifier word in the prompts that the new tokens replace.",
+    )
+    train.add_argument(
+        "--num_new_tokens_per_abstraction",
+        type=int,
+        default=2,
+        help="With --train_text_encoder_ti: how many new tokens stand for the identifier.",
     )
     train.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     train.add_argument(
@@ -613,6 +636,21 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
+    if args.train_text_encoder is None:
+        args.train_text_encoder = not args.train_text_encoder_ti
+    if args.train_text_encoder_ti:
+        _positive(parser, args, "num_new_tokens_per_abstraction")
+        if not args.token_abstraction.strip():
+            parser.error("--token_abstraction must be a word of the instance prompt, got an empty string")
+        if args.pre_compute_text_embeddings:
+            parser.error(
+                "--pre_compute_text_embeddings encodes the prompts once, so --train_text_encoder_ti's tokens "
+                "can't train: drop one of them"
+            )
+        if args.keep_best_heldout:
+            parser.error(
+                "--keep_best_heldout does not keep --train_text_encoder_ti's embeddings yet: drop one of them"
+            )
     if args.text_encoder_preservation < 0:
         parser.error(f"--text_encoder_preservation must be 0 or more, got {args.text_encoder_preservation}")
     if args.text_encoder_preservation and not args.train_text_encoder:
@@ -705,6 +743,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         ]
         args.validation_prompts = [str(prompt) for prompt in listed]
         args.validation_prompt = args.validation_prompts[0]
+    if args.train_text_encoder_ti:
+        pivotal_prompts(parser, args)
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", f"dreambooth-{args.adapter}")
     if args.with_prior_preservation:
@@ -926,6 +966,27 @@ def check_heldout(
             args.heldout_prompts[i] = image_caption(path, captions) or args.instance_prompt
 
 
+def pivotal_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--train_text_encoder_ti: the identifier in the instance, held-out and validation prompts becomes
+    the new tokens (args.identifier_tokens), as the embeddings file's users will write it."""
+    from plugin.pivotal import identifier_tokens, replace_identifier
+
+    word = args.token_abstraction
+    if word not in args.instance_prompt or any(word not in p for p in args.instance_prompts or []):
+        parser.error(
+            f"--train_text_encoder_ti: the identifier --token_abstraction {word!r} is not in the instance prompt "
+            f"{args.instance_prompt!r}{' or in every caption' if args.instance_prompts else ''}: name the word "
+            "that stands for the subject"
+        )
+    args.identifier_tokens = identifier_tokens(args.num_new_tokens_per_abstraction)
+    replace = functools.partial(replace_identifier, word=word, tokens=args.identifier_tokens)
+    args.instance_prompt = replace(args.instance_prompt)
+    args.instance_prompts = args.instance_prompts and [replace(p) for p in args.instance_prompts]
+    args.heldout_prompts = [replace(p) for p in args.heldout_prompts]
+    args.validation_prompts = [replace(p) for p in args.validation_prompts]
+    args.validation_prompt = args.validation_prompts[0]
+
+
 def check_class_captions(parser: argparse.ArgumentParser, args: argparse.Namespace, prompts: dict) -> None:
     """With --class_captions: the class images already there have captions, and the missing ones have
     prompts to be generated from (args.class_prompts)."""
@@ -1010,6 +1071,8 @@ def _check_base_model(parser: argparse.ArgumentParser, args: argparse.Namespace)
 def family_refusal(family, args: argparse.Namespace) -> str | None:
     """What the arguments ask that `family` (a plugin.families object) can't do, naming both; fills the
     family's defaults of the flow-matching arguments."""
+    if args.train_text_encoder_ti and family.name not in ("sd", "sdxl"):
+        return f"--train_text_encoder_ti learns CLIP token embeddings (SD 1.x/2.x, SDXL); {family.title} is not supported"
     if family.flow_matching:
         for flag in ("snr_gamma", "noise_offset"):
             if getattr(args, flag):
@@ -1079,6 +1142,13 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import plugin  # noqa: E402
 from plugin.families import FAMILIES, TOKENIZER_OF, NoiseOptions, family_of  # noqa: E402
+from plugin.pivotal import (  # noqa: E402
+    IdentifierEmbeddings,
+    load_embeddings,
+    read_embeddings,
+    replace_identifier,
+    save_embeddings,
+)
 from plugin.procedures import (  # noqa: E402
     mpc_penalty,
     restart,
@@ -1387,6 +1457,25 @@ def parameter_groups(
     return [{"params": group, "lr": lr} for lr, group in groups.items() if group]
 
 
+def unpivoted(prompts: str | list[str], args: argparse.Namespace) -> str | list[str]:
+    """--train_text_encoder_ti's prompts as written for the base model: the identifier's word again."""
+    undo = functools.partial(
+        replace_identifier, word="".join(args.identifier_tokens), tokens=[args.token_abstraction]
+    )
+    return undo(prompts) if isinstance(prompts, str) else [undo(p) for p in prompts]
+
+
+def embeddings_difference(pivotal, pipeline, family) -> float:
+    """The largest difference between the trained identifier rows and those the saved file loaded."""
+    largest = 0.0
+    for key, tokenizer_name, encoder_name in zip(pivotal.keys, family.tokenizers(), family.text_encoders):
+        tokenizer, encoder = getattr(pipeline, tokenizer_name), getattr(pipeline, encoder_name)
+        ids = tokenizer.convert_tokens_to_ids(pivotal.tokens)
+        rows = encoder.get_input_embeddings().weight[ids].detach().float().cpu()
+        largest = max(largest, (rows - pivotal.state()[key]).abs().max().item())
+    return largest
+
+
 def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: argparse.Namespace) -> float:
     """The largest output difference between the models as trained and the base with the saved file
     loaded, on a fixed random input: a file must reproduce its training, whatever the procedure."""
@@ -1451,6 +1540,25 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
             f"from diffusers import {family.pipeline_class}\nfrom pipelines import enable_liera\n\n"
             f'pipe = enable_liera({family.pipeline_class}.from_pretrained("{base}"))'
         )
+    if args.train_text_encoder_ti:
+        tokens, path = args.identifier_tokens, Path(args.output_dir, EMBEDDINGS_FILENAME)
+        if family.name == "sdxl":
+            loading_after = (
+                f'\nfrom safetensors.torch import load_file\n\nembeddings = load_file("{path}")\n'
+                f'pipe.load_textual_inversion(embeddings["clip_l"], token={tokens}, text_encoder=pipe.text_encoder, '
+                "tokenizer=pipe.tokenizer)\n"
+                f'pipe.load_textual_inversion(embeddings["clip_g"], token={tokens}, text_encoder=pipe.text_encoder_2, '
+                "tokenizer=pipe.tokenizer_2)"
+            )
+        else:
+            loading_after = f'\npipe.load_textual_inversion("{path}", token={tokens})'
+        pivot = (
+            f"\nThe identifier {args.token_abstraction!r} was learnt as new tokens, {''.join(tokens)}, in "
+            f"`{EMBEDDINGS_FILENAME}` (textual-inversion format; pivotal tuning): write them where you wrote "
+            "the identifier.\n"
+        )
+    else:
+        loading_after, pivot = "", ""
     # The Hub's card metadata, written by huggingface_hub (the YAML header the Hub's pages read).
     data = ModelCardData(
         base_model=base,
@@ -1469,10 +1577,10 @@ Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_ima
 learning rate {args.learning_rate}{rates_apart}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
 scale {args.scale}, targets `{args.targets}`), text encoders adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
-
+{pivot}
 ```python
 {loading}
-pipe.load_adapter("{args.output_dir}")
+pipe.load_adapter("{args.output_dir}"){loading_after}
 image = pipe("{args.validation_prompt}").images[0]
 ```
 
@@ -1621,6 +1729,17 @@ def main(args: argparse.Namespace) -> dict:
         f"{args.adapter} adapters on {len(adapted)} layers of {', '.join(trained)}: "
         f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters"
     )
+    # --train_text_encoder_ti: the identifier's new token embeddings, the one part of the text encoders
+    # that trains (beside their adapters, if --train_text_encoder asks for them too).
+    pivotal, prepared_models = None, dict(trained)
+    if args.train_text_encoder_ti:
+        pairs = [(tokenizers[i], text_encoders[name]) for i, name in enumerate(family.text_encoders)]
+        pivotal = IdentifierEmbeddings(pairs, args.identifier_tokens, seed=args.seed)
+        prepared_models.update({name: text_encoders[name] for name in family.text_encoders})
+        logger.info(
+            f"Pivotal tuning: {args.token_abstraction!r} learnt as {''.join(args.identifier_tokens)} in "
+            f"{', '.join(family.text_encoders)}"
+        )
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for name in trained:
@@ -1639,7 +1758,7 @@ def main(args: argparse.Namespace) -> dict:
             args, accelerator.device, weight_dtype, **unwrapped(), vae=vae, **tokenizer_components
         )
 
-    names_of = {id(model): name for name, model in trained.items()}
+    names_of = {id(model): name for name, model in prepared_models.items()}
 
     def components_of(models: list[torch.nn.Module]) -> dict[str, torch.nn.Module]:
         return {
@@ -1650,7 +1769,14 @@ def main(args: argparse.Namespace) -> dict:
     # replace accelerate's model saving and loading.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            components = components_of(models)
+            components = {k: v for k, v in components_of(models).items() if k in trained}
+            if pivotal is not None:
+                save_embeddings(
+                    Path(output_dir, EMBEDDINGS_FILENAME),
+                    pivotal.state(),
+                    args.identifier_tokens,
+                    args.token_abstraction,
+                )
             plugin.save_adapter(
                 Path(output_dir, ADAPTER_FILENAME), components, ADAPTER_NAME, base_model=display_name(base)
             )
@@ -1662,8 +1788,10 @@ def main(args: argparse.Namespace) -> dict:
         weights.clear()  # nothing else to save for the models
 
     def load_model_hook(models, input_dir):
-        components = components_of(models)
+        components = {k: v for k, v in components_of(models).items() if k in trained}
         models.clear()  # accelerate must not load model weights itself
+        if pivotal is not None:
+            pivotal.load_state(read_embeddings(Path(input_dir, EMBEDDINGS_FILENAME))[0])
         state_file = Path(input_dir, TRAINING_STATE_FILENAME)
         if state_file.is_file():
             tensors = load_file(state_file)
@@ -1686,6 +1814,9 @@ def main(args: argparse.Namespace) -> dict:
     optimizer_groups = parameter_groups(
         trained, args.learning_rate, args.conv_learning_rate, args.text_encoder_lr
     )
+    if pivotal is not None:
+        rate = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+        optimizer_groups.append({"params": pivotal.parameters(), "lr": rate})
     params_to_optimize = [p for group in optimizer_groups for p in group["params"]]
     if args.use_8bit_adam:
         import bitsandbytes
@@ -1790,8 +1921,8 @@ def main(args: argparse.Namespace) -> dict:
         ]
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, jagged)
 
-    prepared = accelerator.prepare(*trained.values(), optimizer, train_dataloader, lr_scheduler)
-    trained_names = list(trained)  # the models as the loop calls them (DDP-wrapped when distributed)
+    prepared = accelerator.prepare(*prepared_models.values(), optimizer, train_dataloader, lr_scheduler)
+    trained_names = list(prepared_models)  # the models as the loop calls them (DDP-wrapped when distributed)
     for name, model in zip(trained_names, prepared):
         if name == family.denoiser:
             denoiser = model
@@ -1934,7 +2065,7 @@ def main(args: argparse.Namespace) -> dict:
             generator = seeded_generator(
                 NOISE_KEY, args.seed, epoch * len(train_dataloader) + step, accelerator.process_index
             )
-            with accelerator.accumulate(*trained.values()):
+            with accelerator.accumulate(*prepared[: len(prepared_models)]):
                 pixel_values = batch["pixel_values"].to(dtype=vae.dtype)
                 posterior = latent_distribution(pixel_values)
                 latents = family.to_latents(vae, posterior.sample(generator=generator)).to(weight_dtype)
@@ -1983,6 +2114,8 @@ def main(args: argparse.Namespace) -> dict:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
                 optimizer.step()
+                if pivotal is not None:
+                    pivotal.restore()
                 lr_scheduler.step()
                 optimizer.zero_grad()
 
@@ -2081,6 +2214,16 @@ def main(args: argparse.Namespace) -> dict:
         file_difference = saved_file_difference(
             {name: accelerator.unwrap_model(model) for name, model in trained.items()}, pipeline, args
         )
+        if pivotal is not None:
+            embeddings_path = save_embeddings(
+                Path(args.output_dir, EMBEDDINGS_FILENAME),
+                pivotal.state(),
+                args.identifier_tokens,
+                args.token_abstraction,
+            )
+            logger.info(f"Saved the identifier's embeddings to {embeddings_path}")
+            load_embeddings(pipeline, embeddings_path)  # diffusers' load_textual_inversion
+            file_difference = max(file_difference, embeddings_difference(pivotal, pipeline, family))
         logger.info(
             f"The saved file reproduces the trained model to {file_difference:.2e} (largest output difference)"
         )
@@ -2105,8 +2248,10 @@ def main(args: argparse.Namespace) -> dict:
             for enabled in [False, True]:
                 for model in loaded.values():
                     plugin.enable_adapters(model, enabled)
+                # The base model is measured with the prompts as written for it: the identifier's word.
+                said = prompts if enabled or pivotal is None else unpivoted(prompts, args)
                 with accelerator.autocast():
-                    losses_of.append(family_loss(models, tokenizers_of, images, prompts))
+                    losses_of.append(family_loss(models, tokenizers_of, images, said))
             return losses_of[0], losses_of[1]
 
         train_images = [load_rgb(path) for path in args.train_images]
