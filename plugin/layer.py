@@ -167,6 +167,10 @@ class AdaptedLayer(nn.Module):
         """Inference runs many denoising steps with the same adapters: rebuild `W'` only when a
         multiplier or any tensor changed (in-place edits bump a tensor's `_version`). This costs
         one copy of the weight while unfused; `fuse_adapters` costs none."""
+        if torch.compiler.is_compiling():
+            # A compiled graph can't keep a Python cache across calls (tensor versions don't trace, and
+            # its guards on the key would recompile per layer): it rebuilds `W'`, fused with the rest.
+            return self.adapted_weight(adapters)
         tensors = [self.base_layer.weight, *(p for a, _ in adapters for p in a.parameters())]
         key = (
             tuple((id(a), m) for a, m in adapters),
@@ -206,6 +210,10 @@ class AdaptedLayer(nn.Module):
         """Compare multiply-adds: bypass convs/matmuls on the activations vs. rebuilding `W'`. The
         answer depends only on the adapters, the input's shape, training or not, and fusing, so it is
         kept for the next call with the same (a Python cost in every layer's forward otherwise)."""
+        if torch.compiler.is_compiling():
+            # Shapes are fixed while tracing, so the comparison is decided once per graph; storing the
+            # plan on the module would add a guard on it, and a recompile when it changes.
+            return self._compare_costs(adapters, x)
         key = (x.shape, torch.is_grad_enabled(), bool(self.fused), *(adapter for adapter, _ in adapters))
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, self._compare_costs(adapters, x))

@@ -83,3 +83,29 @@ def test_adapters_on_a_compiled_unet_keep_the_models_own_paths(tmp_path):
         other = plugin.save_adapter(tmp_path / "other.safetensors", {"unet": compiled}, "subject")
         plugin.hotswap_adapter(other, {"unet": later}, "subject")
         torch.testing.assert_close(later(*inputs).sample, compiled(*inputs).sample)
+
+
+@pytest.mark.parametrize("method", ["lora", "liera"])
+def test_a_compiled_unet_trains_and_evaluates_with_as_many_graphs_as_without_adapters(method):
+    """Training steps and then no-grad evaluation (the training script's held-out measure) compile
+    as many graphs as the bare UNet: the layer's Python caches (bypass plan, inference `W'`) are
+    skipped while tracing, so they neither break the graph nor recompile it per layer."""
+    from torch._dynamo.testing import CompileCounter
+
+    frames = {}
+    for adapted in [False, True]:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        if adapted:
+            plugin.add_adapter(unet, AdapterConfig(method=method, rank=4))
+        dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(unet, backend=counter)
+        for batch in [2, 2, 2]:
+            out = compiled(torch.randn(batch, 4, 8, 8), torch.tensor([10] * batch), torch.randn(batch, 6, 32))
+            out.sample.square().mean().backward()
+        with torch.no_grad():
+            for _ in range(2):
+                compiled(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 6, 32))
+        frames[adapted] = counter.frame_count
+    assert frames[True] == frames[False]
