@@ -116,6 +116,7 @@ RUN_IDENTITY = (
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
     "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
+WARM_UP_STEPS = 10  # steps (at most half the run) before metrics.json's steady_steps_per_s counts
 RELORA_KEY = 5  # the first key of a restart's seed (plugin.training's keys are 1-4)
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
 # Flow matching's settings (SD3, Flux) are part of a run's identity too.
@@ -2058,7 +2059,10 @@ def main(args: argparse.Namespace) -> dict:
         disable=not accelerator.is_local_main_process,
     )
     step_losses = []  # of the batches accumulated into the current step
-    loop_start = time.time()
+    loop_start, first_step = time.time(), global_step
+    # The step and time after the first WARM_UP_STEPS: the steady speed leaves compilation
+    # (--dynamo_backend) and first-call caches out.
+    warm = None
     for epoch in range(first_epoch, args.num_train_epochs):
         for name in trained_names:
             (denoiser if name == family.denoiser else text_encoders[name]).train()
@@ -2127,6 +2131,8 @@ def main(args: argparse.Namespace) -> dict:
             if accelerator.sync_gradients:
                 progress_bar.update(1)
                 global_step += 1
+                if global_step - first_step == min(WARM_UP_STEPS, (args.max_train_steps - first_step) // 2):
+                    warm = (global_step, time.time())
                 if (
                     args.relora_steps
                     and global_step % args.relora_steps == 0
@@ -2174,6 +2180,9 @@ def main(args: argparse.Namespace) -> dict:
             log_validation(training_pipeline(), args, accelerator, f"epoch-{epoch + 1:04d}", global_step)
     progress_bar.close()
     train_seconds = time.time() - loop_start
+    steady_rate = None
+    if warm is not None and global_step > warm[0]:
+        steady_rate = (global_step - warm[0]) / (time.time() - warm[1])
     if args.cache_latents:
         logger.info(f"--cache_latents: {len(latent_cache)} image crops encoded once, for {cache_uses} uses")
 
@@ -2305,6 +2314,7 @@ def main(args: argparse.Namespace) -> dict:
             "steps": global_step,
             "wall_time_s": round(time.time() - start_time, 1),
             "train_loop_time_s": round(train_seconds, 1),
+            "steady_steps_per_s": None if steady_rate is None else round(steady_rate, 2),
             "num_processes": accelerator.num_processes,
             "loss_start": round(float(np.mean(losses[:window])), 6) if losses else None,
             "loss_end": round(float(np.mean(losses[-window:])), 6) if losses else None,
