@@ -166,11 +166,7 @@ RECIPES: dict[str, str] = {
     # Pivotal tuning (issue 11's prompt following): the identifier as new token embeddings, the text
     # encoder unadapted; at the method's rate, and at textual inversion's larger one.
     "ti": "--train_text_encoder_ti",
-    "ti-rate5e-3": "--train_text_encoder_ti --text_encoder_lr 5e-3",
-    # Custom Diffusion's choice (Kumari et al. 2023): the new tokens and cross-attention's keys and values
-    # only, the projections through which text reaches the image.
-    "ti-kv": "--train_text_encoder_ti --targets attn2.to_k,attn2.to_v",
-    "ti-attn": "--train_text_encoder_ti --targets attn",
+    **{f"ti-rate{lr}": f"--train_text_encoder_ti --text_encoder_lr {lr}" for lr in ("5e-3", "1e-2")},
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts
