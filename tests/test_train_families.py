@@ -358,3 +358,30 @@ def test_two_cpu_processes_train_sdxl_to_identical_adapters(bases):
     assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["max_abs_diff_between_ranks"] == 0
+
+
+def test_sdxl_pivotal_tuning_saves_both_encoders_rows_as_sdxl_embeddings(bases):
+    """--train_text_encoder_ti on SDXL: new tokens in both CLIPs, saved as `clip_l`/`clip_g` (the SDXL
+    textual-inversion file), loaded back through diffusers to the trained rows; the card says how."""
+    from plugin.pivotal import read_embeddings
+
+    output_dir = bases["root"] / "sdxl-pivotal"
+    output = run(family_args(bases, "sdxl", output_dir, "lora", "--train_text_encoder_ti",
+                             "--num_validation_images", "0"))  # fmt: skip
+    assert "learnt as <s0><s1> in text_encoder, text_encoder_2" in output
+    tensors, tokens, word = read_embeddings(output_dir / "embeddings.safetensors")
+    assert sorted(tensors) == ["clip_g", "clip_l"] and tokens == ["<s0>", "<s1>"] and word == "sks"
+    assert all(t.shape[0] == 2 for t in tensors.values())
+    with safe_open(str(output_dir / "adapter.safetensors"), framework="pt") as handle:
+        assert {key.split(".")[0] for key in handle.keys()} == {"unet"}
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["saved_vs_trained_max_abs_diff"] == 0
+    assert 'embeddings["clip_g"]' in (output_dir / "README.md").read_text()
+
+
+def test_pivotal_tuning_is_refused_where_there_is_no_clip_to_learn_in(bases, script, capsys, tmp_path):
+    argv = ["--pretrained_model_name_or_path", str(bases["flux"]), "--instance_data_dir", str(bases["subject"]),
+            "--output_dir", str(tmp_path / "flux"), "--train_text_encoder_ti"]  # fmt: skip
+    assert "--train_text_encoder_ti learns CLIP token embeddings (SD 1.x/2.x, SDXL); Flux" in refusal(
+        script, capsys, argv
+    )
