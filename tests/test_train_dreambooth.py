@@ -261,12 +261,15 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     assert "n/a: no class prompt" in (output_dir / "README.md").read_text()
 
 
-def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny):
-    """A learning rate this high overshoots at step 3 on the tiny model, so the best is an earlier step."""
-    output_dir = tiny["root"] / "keep-best"
+@pytest.mark.parametrize("pivotal", [False, True])
+def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny, pivotal):
+    """A learning rate this high overshoots at step 3 on the tiny model, so the best is an earlier step.
+    With pivotal tuning the identifier's embeddings of that step are kept too."""
+    output_dir = tiny["root"] / f"keep-best-{pivotal}"
+    extra = ["--train_text_encoder_ti", "--text_encoder_lr", "0.3"] if pivotal else []
     output = run(train_args(tiny, output_dir, "liera", "--keep_best_heldout", "--validation_steps", "1",
                             "--checkpointing_steps", "1", "--max_train_steps", "3", "--learning_rate", "0.3",
-                            "--conv_learning_rate", "0.3", "--num_drift_images", "0"))  # fmt: skip
+                            "--conv_learning_rate", "0.3", "--num_drift_images", "0", *extra))  # fmt: skip
     metrics = json.loads((output_dir / "metrics.json").read_text())
     curve = metrics["heldout_curve"]
     assert [step for step, _ in curve] == [0, 1, 2, 3]
@@ -281,6 +284,14 @@ def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny):
     )
     assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
     assert "Prior drift: not measured (--num_drift_images 0)" in output
+    if pivotal:
+        saved, checkpoint = (
+            load_file(output_dir / "embeddings.safetensors"),
+            load_file(output_dir / f"checkpoint-{best}" / "embeddings.safetensors"),
+        )
+        assert torch.equal(saved["emb_params"], checkpoint["emb_params"])
+        last = load_file(output_dir / "checkpoint-3" / "embeddings.safetensors")
+        assert not torch.equal(saved["emb_params"], last["emb_params"])
 
 
 def test_denoising_loss_takes_one_prompt_or_one_per_image(tiny):

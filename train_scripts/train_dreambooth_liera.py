@@ -116,6 +116,7 @@ RUN_IDENTITY = (
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
     "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
+PIVOTAL_KEY = "pivotal."  # the identifier's rows among --keep_best_heldout's kept tensors
 WARM_UP_STEPS = 10  # steps (at most half the run) before metrics.json's steady_steps_per_s counts
 RELORA_KEY = 5  # the first key of a restart's seed (plugin.training's keys are 1-4)
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
@@ -647,10 +648,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(
                 "--pre_compute_text_embeddings encodes the prompts once, so --train_text_encoder_ti's tokens "
                 "can't train: drop one of them"
-            )
-        if args.keep_best_heldout:
-            parser.error(
-                "--keep_best_heldout does not keep --train_text_encoder_ti's embeddings yet: drop one of them"
             )
     if args.text_encoder_preservation < 0:
         parser.error(f"--text_encoder_preservation must be 0 or more, got {args.text_encoder_preservation}")
@@ -1985,7 +1982,11 @@ def main(args: argparse.Namespace) -> dict:
             loss = family_loss({**models, "vae": vae}, tokenizers, heldout_images, args.heldout_prompts)
         for name, model in models.items():
             model.train(modes[name])
-        tensors = training_state(trained, ADAPTER_NAME) if args.keep_best_heldout else None
+        tensors = None
+        if args.keep_best_heldout:
+            tensors = training_state(trained, ADAPTER_NAME)
+            if pivotal is not None:  # the identifier's rows of that step too, apart by their prefix
+                tensors.update({PIVOTAL_KEY + key: rows for key, rows in pivotal.state().items()})
         heldout.add(step, loss, tensors)
         accelerator.log({"heldout_loss": loss}, step=step)
         logger.info(f"Held-out denoising loss at step {step}: {loss:.4f}")
@@ -2211,7 +2212,13 @@ def main(args: argparse.Namespace) -> dict:
         adapter_step = global_step
         if args.keep_best_heldout and heldout.kept_tensors is not None:
             # The live adapter of this (main) process becomes the best one: training is over.
-            kept = restore_training_state(trained, ADAPTER_NAME, heldout.kept_tensors)
+            kept = dict(heldout.kept_tensors)
+            rows = {
+                key[len(PIVOTAL_KEY) :]: kept.pop(key) for key in list(kept) if key.startswith(PIVOTAL_KEY)
+            }
+            if pivotal is not None:
+                pivotal.load_state(rows)
+            kept = restore_training_state(trained, ADAPTER_NAME, kept)
             copy_adapter_tensors(kept, trained, ADAPTER_NAME)
             adapter_step = heldout.kept_step
             logger.info(
