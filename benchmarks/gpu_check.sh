@@ -4,6 +4,7 @@
 # toy base with its training speed. Results land in $RESULTS_DIR (default benchmarks/results).
 #
 #   benchmarks/gpu_check.sh                      # PYTHON=... to pick the interpreter
+#   GPU_CHECK_COMPILED=1 benchmarks/gpu_check.sh # also the speed table with torch.compile (minutes more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -22,6 +23,13 @@ echo "== bf16 training step, peak memory and inference: SD 1.5-config UNet, attn
 "$PYTHON" benchmarks/speed.py --device cuda --batch 4 --mixed_precision bf16 --warmup 2 --steps 6 \
   --infer-steps 4 --load-repeats 1 --no-plot --output-dir "$RESULTS_DIR" --name speed_cuda_bf16 \
   --contenders peft-lora lycoris-locon-tucker lora flora liera-tucker-exp liera-lowrank-exp
+
+if [ "${GPU_CHECK_COMPILED:-0}" = 1 ]; then  # opt-in: compiling each contender adds minutes
+  echo "== the same, torch.compile'd (inductor), PEFT LoRA and ours"
+  "$PYTHON" benchmarks/speed.py --device cuda --batch 4 --mixed_precision bf16 --compile --warmup 3 --steps 6 \
+    --infer-steps 4 --load-repeats 1 --no-plot --output-dir "$RESULTS_DIR" --name speed_cuda_bf16_compiled \
+    --contenders peft-lora lora flora liera-tucker-exp
+fi
 
 echo "== bf16 DreamBooth on the toy base, batch 4, script defaults otherwise: eager, then compiled (inductor)"
 for backend in no inductor; do
