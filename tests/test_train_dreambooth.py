@@ -785,6 +785,8 @@ def test_pivotal_tuning_learns_new_tokens_that_resume_and_load_into_diffusers(ti
     assert adapter_keys and not any(key.startswith("text_encoder.") for key in adapter_keys)
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["saved_vs_trained_max_abs_diff"] == 0
+    # Step 0 of the held-out curve is the base with the prompts as written for it ("sks").
+    assert metrics["heldout_curve"][0][1] == pytest.approx(metrics["heldout_loss_before"], rel=1e-6)
     assert metrics["steady_steps_per_s"] > 0  # the last 2 of 4 steps
     card = (full / "README.md").read_text()
     assert "load_textual_inversion" in card and "<s0><s1>" in card

@@ -1322,15 +1322,16 @@ def log_validation(
     accelerator: Accelerator,
     name: str,
     step: int,
+    prompts: list[str] | None = None,
 ) -> list[Image.Image]:
-    """Generate --num_validation_images per validation prompt with fixed seeds (the same at every
-    call, so grids compare) and save them as validation/<name>.png, one row per prompt."""
+    """Generate --num_validation_images per validation prompt (or per one of `prompts`) with fixed seeds
+    (the same at every call, so grids compare) and save them as validation/<name>.png, one row per prompt."""
     family = FAMILIES[args.family]
     pipeline.scheduler = family.sampling_scheduler(pipeline)
     pipeline.set_progress_bar_config(disable=True)
     count = args.num_validation_images
     images = []
-    for prompt in args.validation_prompts:
+    for prompt in prompts or args.validation_prompts:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
         with torch.no_grad(), accelerator.autocast():  # mixed precision: the adapters stay float32
             images += pipeline(
@@ -1978,8 +1979,11 @@ def main(args: argparse.Namespace) -> dict:
         modes = {name: model.training for name, model in models.items()}
         for model in models.values():
             model.eval()
+        prompts = args.heldout_prompts
+        if step == 0 and pivotal is not None:  # the base, with the prompts as written for it
+            prompts = unpivoted(prompts, args)
         with accelerator.autocast():
-            loss = family_loss({**models, "vae": vae}, tokenizers, heldout_images, args.heldout_prompts)
+            loss = family_loss({**models, "vae": vae}, tokenizers, heldout_images, prompts)
         for name, model in models.items():
             model.train(modes[name])
         tensors = None
@@ -2024,7 +2028,9 @@ def main(args: argparse.Namespace) -> dict:
     if heldout_images and global_step == 0 and accelerator.is_main_process:
         evaluate_heldout(0)
     if validation and global_step == 0 and accelerator.is_main_process:
-        log_validation(training_pipeline(), args, accelerator, "before", step=0)
+        # The base draws the prompts as written for it (pivotal tuning's tokens are untrained yet).
+        written = unpivoted(args.validation_prompts, args) if pivotal is not None else None
+        log_validation(training_pipeline(), args, accelerator, "before", step=0, prompts=written)
 
     noise_options = NoiseOptions(
         noise_offset=args.noise_offset,
