@@ -167,6 +167,12 @@ RECIPES: dict[str, str] = {
     # encoder unadapted; at the method's rate, and at textual inversion's larger one.
     "ti": "--train_text_encoder_ti",
     **{f"ti-rate{lr}": f"--train_text_encoder_ti --text_encoder_lr {lr}" for lr in ("5e-3", "1e-2")},
+    # The same without the adapters on attention that cost prompt following when switched on alone (the
+    # self-attention and the image side of cross-attention): cross-attention's keys and values (the text
+    # side, Custom Diffusion's choice) and the convolutions stay.
+    "ti-rate5e-3-kvconv": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets attn2.to_k,attn2.to_v,"
+    "resnets.[0-9]+.conv1,resnets.[0-9]+.conv2,resnets.[0-9]+.conv_shortcut,downsamplers.[0-9]+.conv,"
+    "upsamplers.[0-9]+.conv",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts
