@@ -2,7 +2,8 @@
 """Why prompt following falls after DreamBooth: which attribute of the non-subject prompts fails, and
 how often the failure is the trained subject's own pattern or colours (the subject bleeding into
 prompts that never named it), and which half of the adapter loses it: the prompts' accuracy with
-only the UNet's adapter switched on, and with only the text encoder's.
+only the UNet's adapter switched on, and with only the text encoder's; with `--layer-kinds`, also with
+only one kind of the UNet's adapted layers on (convs, attention, cross-attention's K/V, all but those).
 
     python benchmarks/bleed.py --recipes defaults --methods lora flora liera --subjects 1 3 4 6 --seeds 0
 
@@ -77,9 +78,41 @@ def accuracy_by_part(judge: Judge, models: dict) -> dict:
     return out
 
 
+# Kinds of the UNet's adapted layers, switched on alone (the rest of the UNet's adapter off).
+LAYER_KINDS = {
+    "convs": lambda name, layer: layer.base_layer.weight.ndim == 4,
+    "attention": lambda name, layer: layer.base_layer.weight.ndim == 2,
+    "cross-attention K/V": lambda name, layer: name.endswith(("attn2.to_k", "attn2.to_v")),
+    "all but cross-attention K/V": lambda name, layer: not name.endswith(("attn2.to_k", "attn2.to_v")),
+}
+
+
+def accuracy_by_layer_kind(judge: Judge, unet) -> dict:
+    """All-attributes-right count with only one kind of the UNet's adapted layers on (the text side as
+    loaded): which layers' adapters cost prompt following."""
+    from plugin.inject import adapted_layers
+    from plugin.toy.analyser import score_images
+
+    layers = adapted_layers(unet)
+    out = {}
+    for kind, chosen in LAYER_KINDS.items():
+        for name, layer in layers.items():
+            layer.enabled = chosen(name, layer)
+        try:
+            texts, images = judge.prompt_images()
+            out[f"all right, UNet {kind} only"] = round(score_images(images, texts)["all"] * len(texts))
+        finally:
+            for layer in layers.values():
+                layer.enabled = True
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(["--name", "bleed", *argv])  # quality's arguments; a --name given wins
+    layer_kinds = "--layer-kinds" in argv  # bleed's own flag; the rest are quality's arguments
+    argv = [arg for arg in argv if arg != "--layer-kinds"]
+    args = parse_args(["--name", "bleed", *argv])  # a --name given wins
+    args.layer_kinds = layer_kinds
     if args.threads:
         import torch
 
@@ -96,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         info = subject_info(index)
         with judge.loaded(adapter, "bleed") as models:
             counts = {**attribute_failures(judge, info), **accuracy_by_part(judge, models)}
+            if args.layer_kinds:
+                counts.update(accuracy_by_layer_kind(judge, models["unet"]))
         rows.append({"model": f"{method} {budget} {recipe} seed {seed}", "subject": info["name"], **counts})
     keys = list(rows[-1])
     body = (

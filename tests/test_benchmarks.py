@@ -179,7 +179,7 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
 
     # bleed.py reads the same runs: one row for the base and one per trained adapter, with the
     # subject's own attributes counted among the failures.
-    rows = bleed.main(argv)["rows"]
+    rows = bleed.main([*argv, "--layer-kinds"])["rows"]
     assert [row["model"] for row in rows] == [
         "base",
         "liera small plain seed 0",
@@ -195,6 +195,9 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     assert 0 <= rows[1]["all right, unet adapter only"] <= 2
     assert 0 <= rows[2]["all right, text_encoder adapter only"] <= 2
     assert "subject's colours instead" in (out / "bleed.md").read_text()
+    # --layer-kinds: one kind of the UNet's adapted layers on at a time.
+    for kind in bleed.LAYER_KINDS:
+        assert 0 <= rows[1][f"all right, UNet {kind} only"] <= 2
 
 
 def test_quality_benchmark_refuses_unknown_recipes_and_subjects():
