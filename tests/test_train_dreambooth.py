@@ -802,6 +802,18 @@ def test_pivotal_tuning_learns_new_tokens_that_resume_and_load_into_diffusers(ti
     assert_same_adapter(halves, full)
 
 
+def test_pivotal_tuning_with_the_text_encoder_adapted_too(tiny):
+    """Both at once, as diffusers' advanced script allows: the text encoder's adapter in the file, the
+    identifier's rows in the embeddings file, and the two reproduce the trained model together."""
+    output_dir = tiny["root"] / "pivotal-and-text-encoder"
+    run(train_args(tiny, output_dir, "lora", "--train_text_encoder_ti", "--train_text_encoder"))
+    keys = load_file(output_dir / "adapter.safetensors").keys()
+    assert any(key.startswith("text_encoder.") for key in keys)
+    assert (output_dir / "embeddings.safetensors").is_file()
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["saved_vs_trained_max_abs_diff"] < 1e-5
+
+
 def test_pivotal_tuning_refuses_what_it_cannot_do(tiny, script, capsys, tmp_path):
     args = train_args(tiny, tmp_path / "out", "lora", "--train_text_encoder_ti")
     assert "--token_abstraction 'zzz' is not in the instance prompt 'a sks circle'" in refusal(

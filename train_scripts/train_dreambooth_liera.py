@@ -1814,7 +1814,12 @@ def main(args: argparse.Namespace) -> dict:
         trained, args.learning_rate, args.conv_learning_rate, args.text_encoder_lr
     )
     if pivotal is not None:
+        # Its own group (a text encoder adapted too would otherwise list the embeddings among its tensors).
+        rows = {id(p) for p in pivotal.parameters()}
+        for group in optimizer_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in rows]
         rate = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+        optimizer_groups = [group for group in optimizer_groups if group["params"]]
         optimizer_groups.append({"params": pivotal.parameters(), "lr": rate})
     params_to_optimize = [p for group in optimizer_groups for p in group["params"]]
     optimizer_options = {}
