@@ -14,6 +14,7 @@ file's metadata.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,14 @@ def identifier_tokens(count: int) -> list[str]:
     return [f"<s{i}>" for i in range(count)]
 
 
+def mentions(prompt: str, word: str) -> bool:
+    """Whether `prompt` has `word` as a word of its own ("sks" is not in "asks")."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt) is not None
+
+
 def replace_identifier(prompt: str, word: str, tokens: Sequence[str]) -> str:
-    """`prompt` with every `word` (the identifier, e.g. "sks") written as the new tokens."""
-    return prompt.replace(word, "".join(tokens))
+    """`prompt` with every `word` (the identifier, e.g. "sks", as a word of its own) written as the new tokens."""
+    return re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", lambda _: "".join(tokens), prompt)
 
 
 class IdentifierEmbeddings:

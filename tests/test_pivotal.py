@@ -115,3 +115,12 @@ def test_tokens_the_tokenizer_already_has_are_refused(base):
     tokenizer, text_encoder = encoder_pair(base)
     with pytest.raises(ValueError, match="already has the tokens"):
         IdentifierEmbeddings([(tokenizer, text_encoder)], ["a</w>"])
+
+
+def test_the_identifier_is_replaced_only_as_a_word_of_its_own():
+    tokens = identifier_tokens(2)
+    assert (
+        replace_identifier("a sks dog, who asks for sks.", "sks", tokens)
+        == "a <s0><s1> dog, who asks for <s0><s1>."
+    )
+    assert replace_identifier("a <s0><s1> dog", "".join(tokens), ["sks"]) == "a sks dog"  # and back

@@ -967,10 +967,12 @@ def check_heldout(
 def pivotal_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--train_text_encoder_ti: the identifier in the instance, held-out and validation prompts becomes
     the new tokens (args.identifier_tokens), as the embeddings file's users will write it."""
-    from plugin.pivotal import identifier_tokens, replace_identifier
+    from plugin.pivotal import identifier_tokens, mentions, replace_identifier
 
     word = args.token_abstraction
-    if word not in args.instance_prompt or any(word not in p for p in args.instance_prompts or []):
+    if not mentions(args.instance_prompt, word) or any(
+        not mentions(p, word) for p in args.instance_prompts or []
+    ):
         parser.error(
             f"--train_text_encoder_ti: the identifier --token_abstraction {word!r} is not in the instance prompt "
             f"{args.instance_prompt!r}{' or in every caption' if args.instance_prompts else ''}: name the word "
