@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from .files import save_atomically
 
 EMBEDDINGS_FILENAME = "embeddings.safetensors"
 # The file's key of each text encoder, by how many the model has (the names readers look for).
@@ -34,14 +34,18 @@ def identifier_tokens(count: int) -> list[str]:
     return [f"<s{i}>" for i in range(count)]
 
 
+def _as_a_word(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
 def mentions(prompt: str, word: str) -> bool:
     """Whether `prompt` has `word` as a word of its own ("sks" is not in "asks")."""
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt) is not None
+    return _as_a_word(word).search(prompt) is not None
 
 
 def replace_identifier(prompt: str, word: str, tokens: Sequence[str]) -> str:
     """`prompt` with every `word` (the identifier, e.g. "sks", as a word of its own) written as the new tokens."""
-    return re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", lambda _: "".join(tokens), prompt)
+    return _as_a_word(word).sub(lambda _: "".join(tokens), prompt)
 
 
 class IdentifierEmbeddings:
@@ -106,18 +110,8 @@ class IdentifierEmbeddings:
 def save_embeddings(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], tokens: Sequence[str], word: str
 ) -> Path:
-    """Write the embeddings file atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        save_file(tensors, partial, metadata={"tokens": " ".join(tokens), "replaces": word})
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return path
+    """Write the embeddings file atomically (the adapter files' own save: a temporary file, then a rename)."""
+    return save_atomically(tensors, {"tokens": " ".join(tokens), "replaces": word}, path)
 
 
 def read_embeddings(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str], str]:
