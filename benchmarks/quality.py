@@ -112,6 +112,11 @@ SUBJECTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 )
 
 
+# The script's defaults before pivotal tuning became lora's, flora's and liera's (text encoder adapted,
+# UNet on attn+conv): the recipes measured on them pin them, so that they keep their meaning.
+UNPIVOTAL = "--no-train_text_encoder_ti --targets attn+conv"
+
+
 def sweep_args(
     lr: float, steps: int, prior: bool = False, te: bool = False, captions: bool = False, warmup: int = 0
 ) -> str:
@@ -120,12 +125,14 @@ def sweep_args(
     args = f"--learning_rate {lr:g} --max_train_steps {steps}"
     args += " --with_prior_preservation" if prior else " --no-with_prior_preservation"
     args += " --train_text_encoder" if te else " --no-train_text_encoder"
+    args += f" {UNPIVOTAL}"
     args += " --instance_captions" if captions else ""
     args += f" --lr_scheduler constant_with_warmup --lr_warmup_steps {warmup}" if warmup else ""
     return args
 
 
-# Named recipes, so a published sweep can be re-run by name. "defaults": whatever the script's are.
+# Named recipes, so a published sweep can be re-run by name. "defaults": whatever the script's are
+# (for lora, flora and liera since this commit: ti-rate5e-3-kvconv's settings).
 RECIPES: dict[str, str] = {
     "defaults": "",
     "old-defaults": sweep_args(1e-3, 1000),  # the script's defaults before the sweep
@@ -148,25 +155,29 @@ RECIPES: dict[str, str] = {
     "mpc-orthogonal": sweep_args(1e-3, 400, prior=True, te=True) + " --mpc orthogonal",
     # The rate of the adapters on convolutions (issue 11's screen for liera and flora, on the defaults):
     # liera's and flora's old defaults had one rate for every layer.
-    "liera-old-defaults": "--conv_learning_rate 5e-3",
-    "liera-linearmap": "--lie_map linear --conv_learning_rate 5e-3",
-    **{f"liera-conv{lr}": f"--conv_learning_rate {lr}" for lr in ("1e-3", "5e-4", "2e-4")},
-    "liera-lr3e-3-conv5e-4": "--learning_rate 3e-3 --conv_learning_rate 5e-4",
-    "flora-old-defaults": "--conv_learning_rate 3e-3",
-    **{f"flora-conv{lr}": f"--conv_learning_rate {lr}" for lr in ("1e-3", "5e-4")},
+    "liera-old-defaults": f"{UNPIVOTAL} --conv_learning_rate 5e-3",
+    "liera-linearmap": f"{UNPIVOTAL} --lie_map linear --conv_learning_rate 5e-3",
+    **{f"liera-conv{lr}": f"{UNPIVOTAL} --conv_learning_rate {lr}" for lr in ("1e-3", "5e-4", "2e-4")},
+    "liera-lr3e-3-conv5e-4": f"{UNPIVOTAL} --learning_rate 3e-3 --conv_learning_rate 5e-4",
+    "flora-old-defaults": f"{UNPIVOTAL} --conv_learning_rate 3e-3",
+    **{f"flora-conv{lr}": f"{UNPIVOTAL} --conv_learning_rate {lr}" for lr in ("1e-3", "5e-4")},
     # Prompt following (issue 11): the text encoders' own rate, and the prior's weight, on the defaults.
-    **{f"te-rate{lr}": f"--text_encoder_lr {lr}" for lr in ("1e-4", "3e-3")},
-    "prior-weight3": "--prior_loss_weight 3",  # lora's and flora's default since (DEFAULT_PRIOR_LOSS_WEIGHTS)
-    "prior-weight1": "--prior_loss_weight 1",  # their default before, diffusers' weight
-    "class-captions": "--class_captions",
-    "class-captions256": "--class_captions --num_class_images 256",
-    "te-keep0.1": "--text_encoder_preservation 0.1",
-    "te-keep1": "--text_encoder_preservation 1",
-    "te-keep10": "--text_encoder_preservation 10",
+    **{f"te-rate{lr}": f"{UNPIVOTAL} --text_encoder_lr {lr}" for lr in ("1e-4", "3e-3")},
+    "prior-weight3": f"{UNPIVOTAL} --prior_loss_weight 3",  # lora's and flora's default since (DEFAULT_PRIOR_LOSS_WEIGHTS)
+    "prior-weight1": f"{UNPIVOTAL} --prior_loss_weight 1",  # their default before, diffusers' weight
+    "class-captions": f"{UNPIVOTAL} --class_captions",
+    "class-captions256": f"{UNPIVOTAL} --class_captions --num_class_images 256",
+    "te-keep0.1": f"{UNPIVOTAL} --text_encoder_preservation 0.1",
+    "te-keep1": f"{UNPIVOTAL} --text_encoder_preservation 1",
+    "te-keep10": f"{UNPIVOTAL} --text_encoder_preservation 10",
     # Pivotal tuning (issue 11's prompt following): the identifier as new token embeddings, the text
-    # encoder unadapted; at the method's rate, and at textual inversion's larger one.
-    "ti": "--train_text_encoder_ti",
-    **{f"ti-rate{lr}": f"--train_text_encoder_ti --text_encoder_lr {lr}" for lr in ("5e-3", "1e-2")},
+    # encoder unadapted; at the method's rate (lora's 1e-3, the one method measured with it), and at
+    # textual inversion's larger ones.
+    "ti": "--train_text_encoder_ti --text_encoder_lr 1e-3 --targets attn+conv",
+    **{
+        f"ti-rate{lr}": f"--train_text_encoder_ti --text_encoder_lr {lr} --targets attn+conv"
+        for lr in ("5e-3", "1e-2")
+    },
     # The same without the adapters on attention that cost prompt following when switched on alone (the
     # self-attention and the image side of cross-attention): cross-attention's keys and values (the text
     # side, Custom Diffusion's choice) and the convolutions stay.

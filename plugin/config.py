@@ -78,10 +78,14 @@ RESNET_AND_SAMPLER_CONVS = (
     r"downsamplers\.\d+\.conv",
     r"upsamplers\.\d+\.conv",
 )
+# A UNet's cross-attention keys and values: the only attention weights applied to the prompt's tokens
+# (the others act on every image, whatever it asks for), where an identifier is bound to its subject.
+CROSS_ATTENTION_KEYS_VALUES = (r"attn2\.to_k", r"attn2\.to_v")
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ATTENTION_PROJECTIONS,
     "conv": RESNET_AND_SAMPLER_CONVS,
     "attn+conv": ATTENTION_PROJECTIONS + RESNET_AND_SAMPLER_CONVS,
+    "cross-kv+conv": CROSS_ATTENTION_KEYS_VALUES + RESNET_AND_SAMPLER_CONVS,
     "all": (r".*",),
 }
 

@@ -72,6 +72,7 @@ class IdentifierEmbeddings:
             text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below
             embedding = text_encoder.get_input_embeddings()
             ids = torch.tensor(tokenizer.convert_tokens_to_ids(self.tokens))
+            dtype = embedding.weight.dtype
             with torch.no_grad():
                 # diffusers' start: random rows at the spread of the words the encoder knows.
                 known = embedding.weight[: int(ids.min())].float()
@@ -79,6 +80,10 @@ class IdentifierEmbeddings:
                 embedding.weight.data = embedding.weight.data.float()  # trained in float32
                 embedding.weight[ids.to(embedding.weight.device)] = rows.to(embedding.weight.device)
             embedding.weight.requires_grad_(True)
+            if dtype != torch.float32:
+                # The rows train in float32, the encoder runs in its own precision: a float32 input would
+                # meet its half-precision layer norms (which a CPU refuses, outside autocast).
+                embedding.register_forward_hook(lambda module, args, output, dtype=dtype: output.to(dtype))
             self.embeddings.append(embedding)
             self.ids.append(ids.to(embedding.weight.device))
             self.originals.append(embedding.weight.detach().clone())

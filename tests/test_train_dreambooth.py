@@ -54,7 +54,9 @@ def train_args(tiny: dict[str, Path], output_dir: Path, method: str = "liera", *
         "--num_validation_images", "0",
         "--num_drift_images", "2",
         "--num_class_images", "2",  # prior preservation is on by default
-        "--no-train_text_encoder",  # on by default; the tests load the files into a UNet alone
+        # The UNet alone (the tests load the files into a UNet): no text encoder adapters, no new tokens.
+        "--no-train_text_encoder",
+        "--no-train_text_encoder_ti",
         *extra,
     ]  # fmt: skip
 
@@ -417,21 +419,23 @@ def test_an_sdxl_refiner_is_refused_clearly(script, capsys, tiny, tmp_path):
     assert "it is an SDXL refiner" in message and "train the SDXL base model" in message
 
 
-def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
+def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     args = script.parse_args(
         ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     )
-    assert args.instance_prompt == "a sks circle"
+    # Pivotal tuning is on by default for liera on SD: 'sks' becomes two new tokens in every prompt.
+    assert args.train_text_encoder_ti and not args.train_text_encoder
+    assert args.targets == "cross-kv+conv" and args.text_encoder_lr == script.DEFAULT_TOKEN_LEARNING_RATE
+    assert args.instance_prompt == "a <s0><s1> circle"
     assert args.class_prompt == "a circle"  # read without --with_prior_preservation too: the drift measure
-    assert args.validation_prompts == ["a sks circle", "a sks circle on a blue background"]
+    assert args.validation_prompts == ["a <s0><s1> circle", "a <s0><s1> circle on a blue background"]
     # heldout/ is the default held-out set, never trained on.
     assert args.heldout_data_dir == str(tiny["subject"] / "heldout")
     assert [Path(p).name for p in args.train_images] == ["subject_0.png", "subject_1.png", "subject_2.png"]
     assert [Path(p).name for p in args.heldout_images] == ["0.png", "1.png"]
-    assert args.heldout_prompts == ["a sks circle"] * 2
+    assert args.heldout_prompts == ["a <s0><s1> circle"] * 2
     assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
-    # Prior preservation and the text encoder's adapters are on by default (benchmarks/quality.py's sweep).
-    assert args.with_prior_preservation and args.train_text_encoder
+    assert args.with_prior_preservation  # on by default (benchmarks/quality.py's sweep)
     assert args.class_data_dir == os.path.join("outputs", "dreambooth-liera", "class_images")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
     assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
@@ -442,11 +446,23 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny):
     assert (
         script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
     )
+    # A preset the quality benchmark has not measured keeps the text encoder adapted, on attn+conv.
+    hira = script.parse_args([*base, "--adapter", "hira"])
+    assert not hira.train_text_encoder_ti and hira.train_text_encoder and hira.targets == "attn+conv"
+    assert hira.instance_prompt == "a sks circle" and hira.text_encoder_lr is None
+    # Pivotal tuning needs the identifier in the prompt: a prompt without it is refused, naming the way out.
+    refused = ["--instance_prompt", "a zwx circle"]
+    assert "'sks' is not in the instance prompt" in refusal(script, capsys, [*base, *refused])
+    assert script.parse_args([*base, *refused, "--no-train_text_encoder_ti"]).train_text_encoder
+    assert (
+        script.parse_args([*base, *refused, "--token_abstraction", "zwx"]).instance_prompt
+        == "a <s0><s1> circle"
+    )
 
 
 def test_images_held_out_of_the_instance_folder_are_a_seeded_choice(script, tiny):
     base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    held = ["--num_heldout_images", "1", "--instance_captions"]
+    held = ["--num_heldout_images", "1", "--instance_captions", "--no-train_text_encoder_ti"]
     args = script.parse_args([*base, *held])
     assert script.parse_args([*base, *held]).heldout_images == args.heldout_images  # deterministic
     chosen = Path(args.heldout_images[0])
@@ -570,7 +586,7 @@ def test_procedures_save_a_plain_file_that_reproduces_the_trained_model(tiny, me
     assert metrics["saved_vs_trained_max_abs_diff"] < 1e-5
     tensors, header = plugin.read_adapter_file(output_dir / "adapter.safetensors")
     assert header["format"] == "liera/1"  # a plain adapter, readable by any liera/1 loader
-    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     if method == "lora":  # PiSSA's start, its negation, a restart (trained, next start's negation), trained
         assert tensors[f"{key}.lora_down"].shape[0] == 4 * 4
     assert (output_dir / "checkpoint-4" / "adapter_training_state.safetensors").is_file()
@@ -645,7 +661,10 @@ def test_arguments_carried_over_from_diffusers_script_work(tiny, script, capsys)
     assert card.startswith("---\n") and "library_name: diffusers" in card and "- lora" in card
 
     args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    assert "add --no-train_text_encoder" in refusal(script, capsys, [*args, "--pre_compute_text_embeddings"])
+    precomputed = [*args, "--pre_compute_text_embeddings"]
+    assert "add --no-train_text_encoder_ti where it is a default" in refusal(script, capsys, precomputed)
+    hira = [*precomputed, "--adapter", "hira"]  # the text encoder adapted by default
+    assert "so the text encoder can't train: add --no-train_text_encoder\n" in refusal(script, capsys, hira)
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes is not installed" in refusal(script, capsys, [*args, "--use_8bit_adam"])
 
@@ -704,7 +723,8 @@ def test_text_encoder_lr_gives_the_text_encoder_a_group_of_its_own(script, capsy
     assert {id(p) for p in everything["params"]} == in_text_encoder
 
     args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    assert script.parse_args(args).text_encoder_lr is None
+    assert script.parse_args([*args, "--no-train_text_encoder_ti"]).text_encoder_lr is None
+    assert script.parse_args(args).text_encoder_lr == script.DEFAULT_TOKEN_LEARNING_RATE  # the new tokens'
     assert "--text_encoder_lr must be positive, got -1" in refusal(
         script, capsys, [*args, "--text_encoder_lr", "-1"]
     )

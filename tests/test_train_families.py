@@ -71,10 +71,13 @@ _RUNS: dict[str, Path] = {}
 
 
 def family_run(bases: dict[str, Path], family: str) -> Path:
-    """One 4-step run per family, text encoders adapted (the default), shared by the tests."""
+    """One 4-step run per family, text encoders adapted (pivotal tuning, SDXL's default for liera, has
+    its own test), shared by the tests."""
     if family not in _RUNS:
         output_dir = bases["root"] / f"run-{family}"
-        output = run(family_args(bases, family, output_dir, LAUNCHED[family]), SINGLE)
+        output = run(
+            family_args(bases, family, output_dir, LAUNCHED[family], "--no-train_text_encoder_ti"), SINGLE
+        )
         assert f"Base model: {FAMILIES[family].title}" in output
         _RUNS[family] = output_dir
     return _RUNS[family]
@@ -153,6 +156,7 @@ def test_sdxl_memory_options_train_float32_adapters(bases):
     output_dir = bases["root"] / "sdxl-memory"
     run(family_args(bases, "sdxl", output_dir, "lora", "--gradient_checkpointing", "--mixed_precision", "bf16",
                     "--cache_latents", "--pre_compute_text_embeddings", "--no-train_text_encoder",
+                    "--no-train_text_encoder_ti",
                     "--num_validation_images", "0"))  # fmt: skip
     with safe_open(str(output_dir / "adapter.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.float32}
@@ -349,7 +353,8 @@ def test_two_cpu_processes_train_sdxl_to_identical_adapters(bases):
 
     output_dir = bases["root"] / "sdxl-two-processes"
     run(family_args(bases, "sdxl", output_dir, "lora", "--max_train_steps", "2", "--num_validation_images", "0",
-                    "--num_drift_images", "0", "--no-with_prior_preservation", "--save_every_rank"),
+                    "--num_drift_images", "0", "--no-with_prior_preservation", "--save_every_rank",
+                    "--no-train_text_encoder_ti"),
         ["--config_file", str(CPU_2PROC)])  # fmt: skip
     rank0 = load_file(output_dir / "adapter_rank0.safetensors")
     rank1 = load_file(output_dir / "adapter_rank1.safetensors")

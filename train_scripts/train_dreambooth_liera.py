@@ -59,7 +59,7 @@ PROMPTS_FILE = "prompts.json"
 HELDOUT_FOLDER = "heldout"  # in an instance folder: views of the subject that training never sees
 DRIFT_FOLDER = "drift_class_images"  # in --output_dir: base-model samples of --class_prompt
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
-TARGET_PRESETS = ("attn", "conv", "attn+conv", "all")  # as plugin.config.TARGET_PRESETS
+TARGET_PRESETS = ("attn", "conv", "attn+conv", "cross-kv+conv", "all")  # as plugin.config.TARGET_PRESETS
 # Chosen with benchmarks/quality.py on subjects the toy base never saw (README, "Benchmarks"): with
 # prior preservation and the text encoder adapted, 800 steps at 1e-3 (lora) put the subject in 3 of 4
 # samples on backgrounds training never showed, against 1 in 3 at 400 steps, for class drift +14%.
@@ -93,6 +93,14 @@ DEFAULT_PRIOR_LOSS_WEIGHTS = {"lora": 3.0, "flora": 3.0}
 # and grows faster than a two-factor one; under W ⊙ exp(sD) its largest entries then grow exponentially:
 # at one rate liera's mid-block convs changed by up to 2e14 times their norm.
 DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10, "flora": 3}
+# Pivotal tuning by default for these --adapter values on SD and SDXL: the identifier learnt as new
+# token embeddings (at DEFAULT_TOKEN_LEARNING_RATE) and the UNet adapted on its convolutions and
+# cross-attention keys and values only (benchmarks/results/quality_pivotal.md: for lora, prompt
+# following x0.68 -> x0.81 the base's and the subject on 0.67 -> 0.79 of unseen backgrounds, at the
+# same held-out fit and drift). The presets not measured keep the text encoder adapted, on attn+conv.
+PIVOTAL_ADAPTERS = ("lora", "flora", "liera")
+DEFAULT_TOKEN_LEARNING_RATE = 5e-3
+PIVOTAL_TARGETS = "cross-kv+conv"
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
@@ -282,11 +290,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--train_text_encoder_ti",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="Pivotal tuning (diffusers' advanced scripts): learn the identifier (--token_abstraction) as "
         f"--num_new_tokens_per_abstraction new token embeddings, <s0><s1>..., saved to {EMBEDDINGS_FILENAME} "
         "(textual-inversion format), and leave the text encoders as they are, so prompts without the "
-        "identifier keep their meaning. Prompts then use the tokens in place of the identifier.",
+        "identifier keep their meaning. Prompts then use the tokens in place of the identifier. Default: on "
+        f"for {', '.join(PIVOTAL_ADAPTERS)} on SD 1.x/2.x and SDXL (benchmarks/results/quality_pivotal.md), "
+        "off otherwise.",
     )
     train.add_argument(
         "--token_abstraction",
@@ -338,7 +348,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="Learning rate of the text encoders (with --train_text_encoder), as diffusers' SDXL script "
-        "has it. Default: --learning_rate.",
+        "has it, or of the identifier's token embeddings (with --train_text_encoder_ti). Default: "
+        f"{DEFAULT_TOKEN_LEARNING_RATE:g} for the tokens, --learning_rate for the text encoders.",
     )
     train.add_argument(
         "--text_encoder_preservation",
@@ -570,8 +581,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     adapter.add_argument(
         "--targets",
         type=str,
-        default="attn+conv",
-        help=f"Layers to adapt: a preset ({', '.join(TARGET_PRESETS)}) or comma-separated module-name regexes.",
+        default=None,
+        help=f"Layers to adapt: a preset ({', '.join(TARGET_PRESETS)}) or comma-separated module-name regexes. "
+        f"Default: {PIVOTAL_TARGETS} with --train_text_encoder_ti (the new tokens reach the UNet through "
+        "cross-attention's keys and values), else attn+conv.",
     )
     adapter.add_argument(
         "--save_every_rank",
@@ -638,23 +651,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
     if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
         parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
-    if args.train_text_encoder is None:
-        args.train_text_encoder = not args.train_text_encoder_ti
-    if args.train_text_encoder_ti:
-        _positive(parser, args, "num_new_tokens_per_abstraction")
-        if not args.token_abstraction.strip():
-            parser.error("--token_abstraction must be a word of the instance prompt, got an empty string")
-        if args.pre_compute_text_embeddings:
-            parser.error(
-                "--pre_compute_text_embeddings encodes the prompts once, so --train_text_encoder_ti's tokens "
-                "can't train: drop one of them"
-            )
+    _positive(parser, args, "num_new_tokens_per_abstraction")
+    if not args.token_abstraction.strip():
+        parser.error("--token_abstraction must be a word of the instance prompt, got an empty string")
     if args.text_encoder_preservation < 0:
         parser.error(f"--text_encoder_preservation must be 0 or more, got {args.text_encoder_preservation}")
-    if args.text_encoder_preservation and not args.train_text_encoder:
-        parser.error(
-            "--text_encoder_preservation keeps the adapted text encoder near the base: it needs --train_text_encoder"
-        )
     if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
         parser.error(f"--text_encoder_lr must be positive, got {args.text_encoder_lr}")
     for name in ["num_validation_images", "num_heldout_images", "num_drift_images"]:
@@ -665,7 +666,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--conv_rank must be positive integers, got {' '.join(map(str, args.conv_rank))}")
         if len(args.conv_rank) == 1:
             args.conv_rank = args.conv_rank[0]
-    if args.targets not in TARGET_PRESETS:
+    if args.targets is not None and args.targets not in TARGET_PRESETS:
         patterns = [pattern.strip() for pattern in args.targets.split(",") if pattern.strip()]
         for pattern in patterns:
             try:
@@ -741,8 +742,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         ]
         args.validation_prompts = [str(prompt) for prompt in listed]
         args.validation_prompt = args.validation_prompts[0]
-    if args.train_text_encoder_ti:
-        pivotal_prompts(parser, args)
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", f"dreambooth-{args.adapter}")
     if args.with_prior_preservation:
@@ -773,17 +772,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not any((path / ADAPTER_FILENAME).is_file() for path in candidates):
             parser.error(f"--resume_from_checkpoint: no checkpoint at {args.resume_from_checkpoint}")
     _check_base_model(parser, args)
-    check_output_dir(parser, args)
+    if args.family:  # a hub model's family is read in `main`, and its run checked there
+        check_output_dir(parser, args)
 
     if args.validation_epochs is not None:
         _positive(parser, args, "validation_epochs")
     if args.use_8bit_adam and not _installed("bitsandbytes"):
         parser.error("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
-    if args.pre_compute_text_embeddings and args.train_text_encoder:
-        parser.error(
-            "--pre_compute_text_embeddings encodes the prompts once, so the text encoder can't train: add "
-            "--no-train_text_encoder"
-        )
     if args.enable_xformers_memory_efficient_attention and not _installed("xformers"):
         parser.error(
             "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers)"
@@ -964,19 +959,20 @@ def check_heldout(
             args.heldout_prompts[i] = image_caption(path, captions) or args.instance_prompt
 
 
-def pivotal_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def pivotal_prompts(args: argparse.Namespace) -> str | None:
     """--train_text_encoder_ti: the identifier in the instance, held-out and validation prompts becomes
-    the new tokens (args.identifier_tokens), as the embeddings file's users will write it."""
+    the new tokens (args.identifier_tokens), as the embeddings file's users will write it. Returns why
+    it can't (None when done)."""
     from plugin.pivotal import identifier_tokens, mentions, replace_identifier
 
     word = args.token_abstraction
     if not mentions(args.instance_prompt, word) or any(
         not mentions(p, word) for p in args.instance_prompts or []
     ):
-        parser.error(
+        return (
             f"--train_text_encoder_ti: the identifier --token_abstraction {word!r} is not in the instance prompt "
             f"{args.instance_prompt!r}{' or in every caption' if args.instance_prompts else ''}: name the word "
-            "that stands for the subject"
+            "that stands for the subject (or add --no-train_text_encoder_ti where pivotal tuning is a default)"
         )
     args.identifier_tokens = identifier_tokens(args.num_new_tokens_per_abstraction)
     replace = functools.partial(replace_identifier, word=word, tokens=args.identifier_tokens)
@@ -985,6 +981,7 @@ def pivotal_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     args.heldout_prompts = [replace(p) for p in args.heldout_prompts]
     args.validation_prompts = [replace(p) for p in args.validation_prompts]
     args.validation_prompt = args.validation_prompts[0]
+    return None
 
 
 def check_class_captions(parser: argparse.ArgumentParser, args: argparse.Namespace, prompts: dict) -> None:
@@ -1063,16 +1060,26 @@ def _check_base_model(parser: argparse.ArgumentParser, args: argparse.Namespace)
         args.family = family_of_folder(path).name
     except ValueError as error:
         parser.error(f"--pretrained_model_name_or_path: {name}: {error}")
-    refusal = family_refusal(FAMILIES[args.family], args)
+    refusal = family_settings(FAMILIES[args.family], args)
     if refusal:
         parser.error(refusal)
 
 
-def family_refusal(family, args: argparse.Namespace) -> str | None:
-    """What the arguments ask that `family` (a plugin.families object) can't do, naming both; fills the
-    family's defaults of the flow-matching arguments."""
-    if args.train_text_encoder_ti and family.name not in ("sd", "sdxl"):
+def family_settings(family, args: argparse.Namespace) -> str | None:
+    """Fills the defaults that depend on the base model's family (a plugin.families object) and returns
+    what the arguments ask that it can't do, naming both (None when it can do it all)."""
+    clip = family.name in ("sd", "sdxl")
+    if args.train_text_encoder_ti is None:
+        args.train_text_encoder_ti = clip and args.adapter in PIVOTAL_ADAPTERS
+    if args.train_text_encoder_ti and not clip:
         return f"--train_text_encoder_ti learns CLIP token embeddings (SD 1.x/2.x, SDXL); {family.title} is not supported"
+    if args.train_text_encoder is None:
+        args.train_text_encoder = not args.train_text_encoder_ti
+    if args.targets is None:
+        args.targets = PIVOTAL_TARGETS if args.train_text_encoder_ti else "attn+conv"
+    refusal = text_encoder_refusal(args)
+    if refusal:
+        return refusal
     if family.flow_matching:
         for flag in ("snr_gamma", "noise_offset"):
             if getattr(args, flag):
@@ -1092,6 +1099,28 @@ def family_refusal(family, args: argparse.Namespace) -> str | None:
                 f"--{flag} is for flow-matching models (SD3, Flux); {family.title} is trained with DDPM noise"
             )
     return None
+
+
+def text_encoder_refusal(args: argparse.Namespace) -> str | None:
+    """What the text-encoder arguments ask that can't be done together; fills the tokens' learning
+    rate and, with --train_text_encoder_ti, writes the new tokens into the prompts."""
+    if args.text_encoder_preservation and not args.train_text_encoder:
+        return "--text_encoder_preservation keeps the adapted text encoder near the base: it needs --train_text_encoder"
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        return (
+            "--pre_compute_text_embeddings encodes the prompts once, so the text encoder can't train: add "
+            "--no-train_text_encoder"
+        )
+    if not args.train_text_encoder_ti:
+        return None
+    if args.pre_compute_text_embeddings:
+        return (
+            "--pre_compute_text_embeddings encodes the prompts once, so --train_text_encoder_ti's tokens "
+            "can't train: drop one of them, or add --no-train_text_encoder_ti where it is a default"
+        )
+    if args.text_encoder_lr is None and not args.train_text_encoder:
+        args.text_encoder_lr = DEFAULT_TOKEN_LEARNING_RATE
+    return pivotal_prompts(args)
 
 
 def adapter_config_from(args: argparse.Namespace, base_model: str | None):
@@ -1186,6 +1215,13 @@ def accelerator_is_cpu_cluster() -> bool:
     accelerator_api = getattr(torch, "accelerator", None)
     has_device = accelerator_api.is_available() if accelerator_api else torch.cuda.is_available()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device
+
+
+class SystemExitParser:
+    """Stands for the argument parser in checks made once a hub model's family is known."""
+
+    def error(self, message: str) -> None:
+        raise SystemExit(message)
 
 
 def hub_family(base: str, hub: dict):
@@ -1514,8 +1550,16 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
     )
-    if args.train_text_encoder and args.text_encoder_lr is not None:
-        other_rates.append(f"{args.text_encoder_lr} in the text encoders")
+    if args.text_encoder_lr is not None and (args.train_text_encoder or args.train_text_encoder_ti):
+        where = " and ".join(
+            what
+            for what, on in [
+                ("the text encoders", args.train_text_encoder),
+                ("the new tokens", args.train_text_encoder_ti),
+            ]
+            if on
+        )
+        other_rates.append(f"{args.text_encoder_lr} in {where}")
     rates_apart = f" ({', '.join(other_rates)})" if other_rates else ""
     fit = f"x{metrics['train_images_loss_after'] / metrics['train_images_loss_before']:.3f}"
     ratio = metrics["heldout_loss_ratio"]
@@ -1655,11 +1699,15 @@ def main(args: argparse.Namespace) -> dict:
     # The model family (a hub model's is read here, from its configs, before any weights are loaded).
     base = args.pretrained_model_name_or_path
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    family = FAMILIES[args.family] if args.family else hub_family(base, hub)
-    args.family = family.name
-    refusal = family_refusal(family, args)
-    if refusal:
-        raise SystemExit(refusal)
+    if args.family:  # a local base: checked with the other arguments
+        family = FAMILIES[args.family]
+    else:
+        family = hub_family(base, hub)
+        args.family = family.name
+        refusal = family_settings(family, args)
+        if refusal:
+            raise SystemExit(refusal)
+        check_output_dir(SystemExitParser(), args)
     logger.info(f"Base model: {family.title} ({family.pipeline_class})")
     # The training resolution, from the configs: class images are drawn at it, before any weights load.
     vae_config = AutoencoderKL.load_config(base, subfolder="vae", **hub)
