@@ -460,6 +460,32 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     )
 
 
+def test_a_hub_models_defaults_wait_for_its_family(script, tiny, tmp_path):
+    """A hub id's family is read in `main` (from its configs, before any weights load): the defaults that
+    depend on it, and the check of --output_dir, come then, through the same functions."""
+    from plugin.families import FAMILIES
+
+    output_dir = tmp_path / "out"
+    argv = ["--pretrained_model_name_or_path", "someone/a-model", "--instance_data_dir", str(tiny["subject"]),
+            "--output_dir", str(output_dir)]  # fmt: skip
+    args = script.parse_args(argv)
+    assert args.family is None and args.train_text_encoder_ti is None and args.targets is None
+    assert args.instance_prompt == "a sks circle"
+    assert script.family_settings(FAMILIES["sd"], args) is None
+    assert args.train_text_encoder_ti and not args.train_text_encoder and args.targets == "cross-kv+conv"
+    assert args.instance_prompt == "a <s0><s1> circle"
+    output_dir.mkdir()
+    (output_dir / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        script.check_output_dir(script.SystemExitParser(), args)
+    # Flux has no CLIP tokens to learn: its defaults adapt the text encoder, and asking for tokens is refused.
+    flux = script.parse_args(argv)
+    assert script.family_settings(FAMILIES["flux"], flux) is None
+    assert not flux.train_text_encoder_ti and flux.train_text_encoder and flux.targets == "attn+conv"
+    refused = script.family_settings(FAMILIES["flux"], script.parse_args([*argv, "--train_text_encoder_ti"]))
+    assert "--train_text_encoder_ti learns CLIP token embeddings" in refused
+
+
 def test_images_held_out_of_the_instance_folder_are_a_seeded_choice(script, tiny):
     base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     held = ["--num_heldout_images", "1", "--instance_captions", "--no-train_text_encoder_ti"]
