@@ -135,7 +135,7 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     base = build_tiny_pipeline(tmp_path / "tiny-sd")
     argv = [
         "--base", str(base), "--subjects", "6", "--methods", "liera", "--budgets", "small", "--seeds", "0",
-        "--recipes", "plain=--no-with_prior_preservation --no-train_text_encoder", "defaults",
+        "--recipes", "plain=--no-with_prior_preservation --no-train_text_encoder_ti", "defaults",
         "--max-train-steps", "2", "--train-batch-size", "1", "--num-prompts", "2", "--subject-samples", "2",
         "--class-images", "2", "--eval-timesteps", "2", "--eval-noises", "1", "--inference-steps", "2",
         "--work-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "out"),
@@ -164,9 +164,12 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     assert all(prompt.split(" on ")[0].endswith(" cross") for prompt in class_prompts)
     judged = {p["prompt"] for p in make_prompts(64, seed=quality.JUDGE_PROMPT_SEED)}
     assert not judged & set(class_prompts)
-    # The defaults (prior preservation, text encoder adapted) trained on class images the base generated
-    # once for the subject's class, and the judge loaded the text encoder's adapters too.
+    # The defaults (prior preservation, pivotal tuning) trained on class images the base generated once
+    # for the subject's class, and left the identifier's tokens beside the adapter.
     assert len(list((tmp_path / "runs" / "class" / "cross").glob("*.png"))) == quality.CLASS_IMAGES
+    assert (
+        tmp_path / "runs" / "defaults" / "liera-small" / "orange-cross" / "seed0" / "embeddings.safetensors"
+    ).is_file()
     out = tmp_path / "out"
     assert "held-out fit ×base" in (out / "quality.md").read_text()
     assert (out / "quality_fit_vs_drift.png").stat().st_size > 0
@@ -189,11 +192,11 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
         assert 0 <= row["all right"] <= row["prompts"] == 2
         assert all(0 <= row[f"{key} wrong"] <= 2 for key in bleed.ATTRIBUTES)
     assert 0 <= rows[1]["subject's pattern instead"] <= rows[1]["pattern wrong"]
-    # Prompt following with one part's adapter only: "plain" adapted the UNet alone, the defaults
-    # the text encoder too.
-    assert "all right, text_encoder adapter only" not in rows[1]
-    assert 0 <= rows[1]["all right, unet adapter only"] <= 2
-    assert 0 <= rows[2]["all right, text_encoder adapter only"] <= 2
+    # Prompt following with one part's adapter only: "plain" adapted the text encoder too, the defaults
+    # the UNet alone (their identifier is new tokens instead).
+    assert 0 <= rows[1]["all right, text_encoder adapter only"] <= 2
+    assert "all right, text_encoder adapter only" not in rows[2]
+    assert 0 <= rows[2]["all right, unet adapter only"] <= 2
     assert "subject's colours instead" in (out / "bleed.md").read_text()
     # --layer-kinds: one kind of the UNet's adapted layers on at a time.
     for kind in bleed.LAYER_KINDS:
