@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import files, inject
+from .pivotal import EMBEDDINGS_FILENAME, check_embeddings, set_embeddings
 
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -73,9 +74,10 @@ class LieraLoaderMixin:
         `metadata=`. `hotswap=True` puts the file's tensors into the loaded adapter `adapter_name` in
         place (same modules and shapes), re-wrapping nothing: what a compiled model needs. Everything
         is validated against all components first: on `AdapterFileError` the pipeline is unchanged.
-        Returns the name.
+        A folder's `embeddings.safetensors` (a pivotal-tuning run's new tokens) loads with it. Returns
+        the name.
         """
-        source = path_or_dir_or_state_dict
+        source, tokens = path_or_dir_or_state_dict, None
         if isinstance(source, Mapping):
             if metadata is None:
                 raise files.AdapterFileError(
@@ -83,13 +85,24 @@ class LieraLoaderMixin:
                 )
             source = (dict(source), metadata)
         elif not isinstance(source, tuple):
+            folder = Path(source, subfolder or "")
             source = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
+            if folder.is_dir() and (folder / EMBEDDINGS_FILENAME).is_file():
+                try:
+                    tokens = check_embeddings(self, folder / EMBEDDINGS_FILENAME)
+                except ValueError as error:
+                    raise files.AdapterFileError(str(error)) from error
         models = self.liera_models()
         if hotswap:
             if adapter_name is None:
                 raise ValueError("hotswap=True replaces a loaded adapter: name it with adapter_name=")
-            return files.hotswap_adapter(source, models, adapter_name)
+            name = files.hotswap_adapter(source, models, adapter_name)
+            if tokens:
+                set_embeddings(self, tokens)
+            return name
         name = files.load_adapter(source, models, adapter_name=adapter_name, weight=weight)
+        if tokens:
+            set_embeddings(self, tokens)
         # Like diffusers: the new adapter is the active one, in every component, not just its own.
         for model in models.values():
             names = [name] if name in inject.list_adapters(model) else []

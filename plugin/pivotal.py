@@ -137,16 +137,51 @@ def read_embeddings(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     return tensors, tokens, metadata["replaces"]
 
 
-def load_embeddings(pipeline, path: str | os.PathLike) -> tuple[list[str], str]:
-    """The embeddings file into a diffusers pipeline (its `load_textual_inversion`); returns the tokens
-    and the word they replace. `pipeline.unload_textual_inversion()` takes them out again."""
+def check_embeddings(pipeline, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """Read the embeddings file and check that it fits the pipeline's tokenizers and text encoders, before
+    anything changes: all of its tokens new there, or all there already (a run loaded before)."""
     tensors, tokens, word = read_embeddings(path)
-    pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")][: len(tensors)]
-    for key, (tokenizer, text_encoder) in zip(KEYS[len(tensors)], pairs):
-        pipeline.load_textual_inversion(
-            tensors[key],
-            token=tokens,
-            tokenizer=getattr(pipeline, tokenizer),
-            text_encoder=getattr(pipeline, text_encoder),
-        )
-    return tokens, word
+    for key, (tokenizer, text_encoder) in zip(KEYS[len(tensors)], _pairs(pipeline, len(tensors))):
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(
+                f"{path}: holds {sorted(tensors)}, but the pipeline has no CLIP text encoder for {key}"
+            )
+        width = text_encoder.get_input_embeddings().embedding_dim
+        if tensors[key].shape[1] != width:
+            raise ValueError(
+                f"{path}: {key} has width {tensors[key].shape[1]}, the text encoder's is {width}"
+            )
+        known = [token in tokenizer.get_vocab() for token in tokens]
+        if any(known) and not all(known):
+            raise ValueError(f"{path}: the tokenizer has some of the tokens {tokens} but not all")
+    return tensors, tokens, word
+
+
+def set_embeddings(pipeline, checked: tuple[dict[str, torch.Tensor], list[str], str]) -> None:
+    """Put `check_embeddings`' tokens into the pipeline: through diffusers' `load_textual_inversion` where
+    they are new, by replacing their rows where the tokenizers have them (which diffusers refuses)."""
+    tensors, tokens, _ = checked
+    for key, (tokenizer, text_encoder) in zip(KEYS[len(tensors)], _pairs(pipeline, len(tensors))):
+        if tokens[0] not in tokenizer.get_vocab():
+            pipeline.load_textual_inversion(
+                tensors[key], token=tokens, tokenizer=tokenizer, text_encoder=text_encoder
+            )
+            continue
+        embedding = text_encoder.get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight[tokenizer.convert_tokens_to_ids(tokens)] = tensors[key].to(embedding.weight)
+
+
+def _pairs(pipeline, count: int) -> list[tuple]:
+    names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")][:count]
+    return [
+        (getattr(pipeline, tokenizer, None), getattr(pipeline, encoder, None)) for tokenizer, encoder in names
+    ]
+
+
+def load_embeddings(pipeline, path: str | os.PathLike) -> tuple[list[str], str]:
+    """The embeddings file into a diffusers pipeline (checked first, then set as `set_embeddings` does);
+    returns the tokens and the word they replace. `pipeline.unload_textual_inversion()` takes them out."""
+    checked = check_embeddings(pipeline, path)
+    set_embeddings(pipeline, checked)
+    return checked[1], checked[2]

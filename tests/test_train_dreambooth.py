@@ -818,7 +818,7 @@ def test_pivotal_tuning_learns_new_tokens_that_resume_and_load_into_diffusers(ti
     """--train_text_encoder_ti: the identifier becomes <s0><s1> (embeddings.safetensors, textual
     inversion's format), the text encoder gets no adapter, checkpoints resume the embeddings, and the
     file the run loads back through diffusers reproduces the trained rows."""
-    from plugin.pivotal import read_embeddings
+    from plugin.pivotal import read_embeddings, save_embeddings
 
     ti = ["--train_text_encoder_ti", "--text_encoder_lr", "1e-2"]
     full = tiny["root"] / "pivotal"
@@ -846,6 +846,32 @@ def test_pivotal_tuning_learns_new_tokens_that_resume_and_load_into_diffusers(ti
     resumed, _, _ = read_embeddings(halves / "embeddings.safetensors")
     torch.testing.assert_close(resumed["emb_params"], tensors["emb_params"], rtol=0, atol=1e-6)
     assert_same_adapter(halves, full)
+
+    # `load_adapter` on a run's folder loads its tokens too; a second run's (the same token names) replaces
+    # their rows; a damaged embeddings file refuses the whole load, leaving the pipeline as it was.
+    from pipelines import LieraStableDiffusionPipeline
+
+    pipe = LieraStableDiffusionPipeline.from_pretrained(tiny["base"], safety_checker=None)
+    size = len(pipe.tokenizer)
+    damaged = tiny["root"] / "pivotal-damaged"
+    shutil.copytree(full, damaged)
+    save_embeddings(damaged / "embeddings.safetensors", {"emb_params": torch.zeros(2, 7)}, tokens, word)
+    with pytest.raises(plugin.AdapterFileError, match="emb_params has width 7, the text encoder's is 32"):
+        pipe.load_adapter(damaged)
+    assert len(pipe.tokenizer) == size and not any(pipe.get_list_adapters().values())
+    ids = pipe.tokenizer.convert_tokens_to_ids  # of the tokens, once loaded
+    embedding = pipe.text_encoder.get_input_embeddings
+    pipe.load_adapter(full)
+    assert len(pipe.tokenizer) == size + 2 and torch.equal(
+        embedding().weight[ids(tokens)], tensors["emb_params"]
+    )
+    other = {"emb_params": tensors["emb_params"] + 1}
+    save_embeddings(damaged / "embeddings.safetensors", other, tokens, word)
+    pipe.load_adapter(damaged, adapter_name="other")
+    assert len(pipe.get_list_adapters()["unet"]) == 2
+    assert len(pipe.tokenizer) == size + 2 and torch.equal(
+        embedding().weight[ids(tokens)], other["emb_params"]
+    )
 
 
 def test_pivotal_tuning_with_the_text_encoder_adapted_too(tiny):

@@ -1585,25 +1585,20 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
             f"from diffusers import {family.pipeline_class}\nfrom pipelines import enable_liera\n\n"
             f'pipe = enable_liera({family.pipeline_class}.from_pretrained("{base}"))'
         )
+    pivot = ""
     if args.train_text_encoder_ti:
         tokens, path = args.identifier_tokens, Path(args.output_dir, EMBEDDINGS_FILENAME)
-        if family.name == "sdxl":
-            loading_after = (
-                f'\nfrom safetensors.torch import load_file\n\nembeddings = load_file("{path}")\n'
-                f'pipe.load_textual_inversion(embeddings["clip_l"], token={tokens}, text_encoder=pipe.text_encoder, '
-                "tokenizer=pipe.tokenizer)\n"
-                f'pipe.load_textual_inversion(embeddings["clip_g"], token={tokens}, text_encoder=pipe.text_encoder_2, '
-                "tokenizer=pipe.tokenizer_2)"
-            )
-        else:
-            loading_after = f'\npipe.load_textual_inversion("{path}", token={tokens})'
+        elsewhere = (
+            f"load its `clip_l` and `clip_g` with `pipe.load_textual_inversion(tensor, token={tokens}, "
+            "text_encoder=..., tokenizer=...)` into the first and the second text encoder"
+            if family.name == "sdxl"
+            else f'`pipe.load_textual_inversion("{path}", token={tokens})`'
+        )
         pivot = (
             f"\nThe identifier {args.token_abstraction!r} was learnt as new tokens, {''.join(tokens)}, in "
             f"`{EMBEDDINGS_FILENAME}` (textual-inversion format; pivotal tuning): write them where you wrote "
-            "the identifier.\n"
+            f"the identifier. `load_adapter` on this folder loads them too; without it, {elsewhere}.\n"
         )
-    else:
-        loading_after, pivot = "", ""
     # The Hub's card metadata, written by huggingface_hub (the YAML header the Hub's pages read).
     data = ModelCardData(
         base_model=base,
@@ -1625,7 +1620,7 @@ The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.m
 {pivot}
 ```python
 {loading}
-pipe.load_adapter("{args.output_dir}"){loading_after}
+pipe.load_adapter("{args.output_dir}")
 image = pipe("{args.validation_prompt}").images[0]
 ```
 
