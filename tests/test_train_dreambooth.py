@@ -454,6 +454,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     refused = ["--instance_prompt", "a zwx circle"]
     assert "'sks' is not in the instance prompt" in refusal(script, capsys, [*base, *refused])
     assert script.parse_args([*base, *refused, "--no-train_text_encoder_ti"]).train_text_encoder
+    # --train_text_encoder asks for the earlier recipe: the text encoder adapted, no new tokens, attn+conv.
+    adapted = script.parse_args([*base, *refused, "--train_text_encoder"])
+    assert not adapted.train_text_encoder_ti and adapted.targets == "attn+conv"
     assert (
         script.parse_args([*base, *refused, "--token_abstraction", "zwx"]).instance_prompt
         == "a <s0><s1> circle"

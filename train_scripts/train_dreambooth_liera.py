@@ -295,8 +295,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         f"--num_new_tokens_per_abstraction new token embeddings, <s0><s1>..., saved to {EMBEDDINGS_FILENAME} "
         "(textual-inversion format), and leave the text encoders as they are, so prompts without the "
         "identifier keep their meaning. Prompts then use the tokens in place of the identifier. Default: on "
-        f"for {', '.join(PIVOTAL_ADAPTERS)} on SD 1.x/2.x and SDXL (benchmarks/results/quality_pivotal.md), "
-        "off otherwise.",
+        f"for {', '.join(PIVOTAL_ADAPTERS)} on SD 1.x/2.x and SDXL (benchmarks/results/quality_pivotal.md) "
+        "unless --train_text_encoder is given, off otherwise.",
     )
     train.add_argument(
         "--token_abstraction",
@@ -1069,8 +1069,10 @@ def family_settings(family, args: argparse.Namespace) -> str | None:
     """Fills the defaults that depend on the base model's family (a plugin.families object) and returns
     what the arguments ask that it can't do, naming both (None when it can do it all)."""
     clip = family.name in ("sd", "sdxl")
-    if args.train_text_encoder_ti is None:
-        args.train_text_encoder_ti = clip and args.adapter in PIVOTAL_ADAPTERS
+    if args.train_text_encoder_ti is None:  # --train_text_encoder asks for the earlier recipe
+        args.train_text_encoder_ti = (
+            clip and args.adapter in PIVOTAL_ADAPTERS and args.train_text_encoder is None
+        )
     if args.train_text_encoder_ti and not clip:
         return f"--train_text_encoder_ti learns CLIP token embeddings (SD 1.x/2.x, SDXL); {family.title} is not supported"
     if args.train_text_encoder is None:
