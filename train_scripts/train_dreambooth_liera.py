@@ -95,9 +95,11 @@ DEFAULT_PRIOR_LOSS_WEIGHTS = {"lora": 3.0, "flora": 3.0}
 DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10, "flora": 3}
 # Pivotal tuning by default for these --adapter values on SD and SDXL: the identifier learnt as new
 # token embeddings (at DEFAULT_TOKEN_LEARNING_RATE) and the UNet adapted on its convolutions and
-# cross-attention keys and values only (benchmarks/results/quality_pivotal.md: for lora, prompt
-# following x0.68 -> x0.81 the base's and the subject on 0.67 -> 0.79 of unseen backgrounds, at the
-# same held-out fit and drift). The presets not measured keep the text encoder adapted, on attn+conv.
+# cross-attention keys and values only (benchmarks/results/quality_pivotal.md and
+# quality_pivotal_methods.md, 4 subjects x 3 seeds: prompt following x0.68/0.70/0.48 -> x0.81/0.83/0.73
+# the base's for lora/flora/liera, the subject on 0.67/0.69/0.44 -> 0.79/0.84/0.79 of unseen backgrounds,
+# held-out fit x0.915/0.917/0.882 -> x0.911/0.919/0.844, drift +13.3/12.4/10.8 -> +13.9/14.0/9.1%).
+# The presets not measured keep the text encoder adapted, on attn+conv.
 PIVOTAL_ADAPTERS = ("lora", "flora", "liera")
 DEFAULT_TOKEN_LEARNING_RATE = 5e-3
 PIVOTAL_TARGETS = "cross-kv+conv"
