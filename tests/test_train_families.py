@@ -381,7 +381,19 @@ def test_sdxl_pivotal_tuning_saves_both_encoders_rows_as_sdxl_embeddings(bases):
         assert {key.split(".")[0] for key in handle.keys()} == {"unet"}
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["saved_vs_trained_max_abs_diff"] == 0
-    assert 'embeddings["clip_g"]' in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert "`load_adapter` on this folder loads them too" in card and "`clip_l` and `clip_g`" in card
+    # load_adapter on the run's folder puts each encoder's rows in place.
+    from pipelines import LieraStableDiffusionXLPipeline
+
+    pipe = LieraStableDiffusionXLPipeline.from_pretrained(bases["sdxl"])
+    pipe.load_adapter(output_dir)
+    for key, tokenizer, encoder in [
+        ("clip_l", pipe.tokenizer, pipe.text_encoder),
+        ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2),
+    ]:
+        rows = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)]
+        assert torch.equal(rows, tensors[key])
 
 
 def test_pivotal_tuning_is_refused_where_there_is_no_clip_to_learn_in(bases, script, capsys, tmp_path):
