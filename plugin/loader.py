@@ -97,19 +97,17 @@ class LieraLoaderMixin:
             if adapter_name is None:
                 raise ValueError("hotswap=True replaces a loaded adapter: name it with adapter_name=")
             name = files.hotswap_adapter(source, models, adapter_name)
-            if tokens:
-                set_embeddings(self, tokens)
-            return name
-        name = files.load_adapter(source, models, adapter_name=adapter_name, weight=weight)
+        else:
+            name = files.load_adapter(source, models, adapter_name=adapter_name, weight=weight)
+            # Like diffusers: the new adapter is the active one, in every component, not just its own.
+            for model in models.values():
+                names = [name] if name in inject.list_adapters(model) else []
+                inject.set_adapters(model, names, weight)
+            for component in DENOISERS:
+                if component in models:
+                    _install_scale_hooks(models[component])
         if tokens:
             set_embeddings(self, tokens)
-        # Like diffusers: the new adapter is the active one, in every component, not just its own.
-        for model in models.values():
-            names = [name] if name in inject.list_adapters(model) else []
-            inject.set_adapters(model, names, weight)
-        for component in DENOISERS:
-            if component in models:
-                _install_scale_hooks(models[component])
         return name
 
     def save_adapter(
