@@ -331,6 +331,7 @@ def test_diffusers_lora_method_names_act_on_ours_and_theirs(tmp_path, pipe, file
     act on our adapters too, with a PEFT LoRA loaded beside them (on other layers)."""
     base = tiny.generate(pipe)
     weights = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    text_weights = {n: p.detach().clone() for n, p in pipe.text_encoder.named_parameters()}
     kohya_lora_on_attention(tmp_path)
     pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="peft")
     tensors, metadata = plugin.read_adapter_file(files["liera"])
@@ -352,12 +353,15 @@ def test_diffusers_lora_method_names_act_on_ours_and_theirs(tmp_path, pipe, file
     assert not layer.fused
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {}
-    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=0)
     for name, param in pipe.unet.named_parameters():
         if ".resnets." in name or "samplers" in name:  # ours: unfused bit for bit
             assert torch.equal(param, weights[name]), name
         else:  # PEFT's own unmerge subtracts its delta again: float rounding
             torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-6)
+    for name, param in pipe.text_encoder.named_parameters():  # kohya's file adapts it too: PEFT's
+        torch.testing.assert_close(param, text_weights[name], rtol=0, atol=1e-6)
+    # PEFT's rounding (3e-8 in the text encoder) grows over 20 guided steps to ~1e-5 of outputs ~1.5
+    torch.testing.assert_close(tiny.generate(pipe), base, atol=1e-5, rtol=1e-5)
 
 
 def hub_cache(cache: Path, repo_id: str, files_by_name: dict[str, Path]) -> Path:
