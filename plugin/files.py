@@ -138,7 +138,7 @@ def locate_adapter(
                 f"no {path.name} in {folder} (its .safetensors files: {found}); pass weight_name="
             )
         return path
-    if isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+    if _is_repo_id(source):
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -151,6 +151,30 @@ def locate_adapter(
                 f"(or its cache, offline) has none ({type(error).__name__})"
             ) from error
     raise FileNotFoundError(f"no adapter file at {folder}")
+
+
+def locate_companion(
+    source: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs
+) -> Path | None:
+    """A file that travels beside the adapter `locate_adapter` found (a pivotal-tuning run's
+    `embeddings.safetensors`): in the same folder or Hub repo, or None where there is none (offline:
+    where the cache has none). A file source has no companion."""
+    folder = Path(source, subfolder) if subfolder else Path(source)
+    if folder.is_dir():
+        return folder / filename if (folder / filename).is_file() else None
+    if folder.exists() or not _is_repo_id(source):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, filename, subfolder=subfolder, **hub_kwargs))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def _is_repo_id(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

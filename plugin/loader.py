@@ -74,7 +74,8 @@ class LieraLoaderMixin:
         `metadata=`. `hotswap=True` puts the file's tensors into the loaded adapter `adapter_name` in
         place (same modules and shapes), re-wrapping nothing: what a compiled model needs. Everything
         is validated against all components first: on `AdapterFileError` the pipeline is unchanged.
-        A folder's `embeddings.safetensors` (a pivotal-tuning run's new tokens) loads with it. Returns
+        The `embeddings.safetensors` beside the adapter in a folder or repo (a pivotal-tuning run's new
+        tokens) loads with it. Returns
         the name.
         """
         source, tokens = path_or_dir_or_state_dict, None
@@ -85,11 +86,12 @@ class LieraLoaderMixin:
                 )
             source = (dict(source), metadata)
         elif not isinstance(source, tuple):
-            folder = Path(source, subfolder or "")
-            source = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
-            if folder.is_dir() and (folder / EMBEDDINGS_FILENAME).is_file():
+            found = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
+            embeddings = files.locate_companion(source, EMBEDDINGS_FILENAME, subfolder, **hub_kwargs)
+            source = found
+            if embeddings is not None:
                 try:
-                    tokens = check_embeddings(self, folder / EMBEDDINGS_FILENAME)
+                    tokens = check_embeddings(self, embeddings)
                 except ValueError as error:
                     raise files.AdapterFileError(str(error)) from error
         models = self.liera_models()

@@ -410,6 +410,31 @@ def test_load_adapter_takes_what_load_lora_weights_takes(tmp_path, files):
     assert pipe.get_list_adapters() == {}
 
 
+def test_load_adapter_brings_a_hub_repos_token_embeddings_too(tmp_path, files):
+    """A pivotal-tuning run pushed to the Hub: its `embeddings.safetensors` loads from beside the adapter,
+    as from a run's folder; a repo without one loads the adapter alone."""
+    from plugin.pivotal import save_embeddings
+
+    pipe = tiny.sd(tmp_path, LieraStableDiffusionPipeline)
+    size, width = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().embedding_dim
+    rows = torch.randn(2, width)
+    embeddings = save_embeddings(
+        tmp_path / "embeddings.safetensors", {"emb_params": rows}, ["<s0>", "<s1>"], "sks"
+    )
+    cache = hub_cache(
+        tmp_path / "hub",
+        "someone/subject-pivotal",
+        {"adapter.safetensors": files["liera"], "embeddings.safetensors": embeddings},
+    )
+    hub_cache(cache, "someone/subject-plain", {"adapter.safetensors": files["liera"]})
+    pipe.load_adapter("someone/subject-plain", cache_dir=cache)
+    assert len(pipe.tokenizer) == size
+    pipe.load_adapter("someone/subject-pivotal", adapter_name="pivotal", cache_dir=cache)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert len(pipe.tokenizer) == size + 2
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], rows)
+
+
 def test_hotswap_replaces_an_adapters_tensors_in_place(tmp_path, pipe):
     maker = tiny.sd(tmp_path / "maker")
     first, second = (tiny.adapter_file(tmp_path / f"{s}.safetensors", maker, "liera", seed=s) for s in (3, 9))
