@@ -382,7 +382,10 @@ def test_sdxl_pivotal_tuning_saves_both_encoders_rows_as_sdxl_embeddings(bases):
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["saved_vs_trained_max_abs_diff"] == 0
     card = (output_dir / "README.md").read_text()
-    assert "`load_adapter` on this folder loads them too" in card and "`clip_l` and `clip_g`" in card
+    assert (
+        "`load_adapter` on this folder (or its Hub repo) loads them too" in card
+        and "`clip_l` and `clip_g`" in card
+    )
     # load_adapter on the run's folder puts each encoder's rows in place.
     from pipelines import LieraStableDiffusionXLPipeline
 

@@ -1601,7 +1601,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
         pivot = (
             f"\nThe identifier {args.token_abstraction!r} was learnt as new tokens, {''.join(tokens)}, in "
             f"`{EMBEDDINGS_FILENAME}` (textual-inversion format; pivotal tuning): write them where you wrote "
-            f"the identifier. `load_adapter` on this folder loads them too; without it, {elsewhere}.\n"
+            f"the identifier. `load_adapter` on this folder (or its Hub repo) loads them too; without it, {elsewhere}.\n"
         )
     # The Hub's card metadata, written by huggingface_hub (the YAML header the Hub's pages read).
     data = ModelCardData(
