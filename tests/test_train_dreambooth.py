@@ -28,6 +28,10 @@ SCRIPT = DREAMBOOTH_SCRIPT
 CPU_2PROC = ROOT / "train_scripts" / "accelerate_cpu_2proc.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SINGLE = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# Most runs start as `python train_dreambooth_liera.py ...` (a way users run it too): no launcher process,
+# whose own start (torch imported once more) cost ~3 s a run. The shared reference runs, the killed runs,
+# the families' runs and the multi-process ones go through `accelerate launch`.
+DIRECT = None
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +65,15 @@ def train_args(tiny: dict[str, Path], output_dir: Path, method: str = "liera", *
     ]  # fmt: skip
 
 
-def launch(script_args: list[str], launcher_args: list[str] = SINGLE, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, str(SCRIPT), *script_args]
+def launch(script_args: list[str], launcher_args: list[str] | None = DIRECT, **popen) -> subprocess.Popen:
+    launcher = [] if launcher_args is None else ["-m", "accelerate.commands.launch", *launcher_args]
+    command = [sys.executable, *launcher, str(SCRIPT), *script_args]
     return subprocess.Popen(
         command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
     )
 
 
-def run(script_args: list[str], launcher_args: list[str] = SINGLE, timeout: float = 180) -> str:
+def run(script_args: list[str], launcher_args: list[str] | None = DIRECT, timeout: float = 180) -> str:
     process = launch(script_args, launcher_args)
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-4000:]
@@ -86,7 +91,7 @@ def reference_run(tiny: dict[str, Path], method: str) -> Path:
     if method not in _REFERENCE:
         output_dir = tiny["root"] / f"reference-{method}"
         start = time.time()
-        run(train_args(tiny, output_dir, method, *(VALIDATION if method == "liera" else [])))
+        run(train_args(tiny, output_dir, method, *(VALIDATION if method == "liera" else [])), SINGLE)
         _DURATION[method] = time.time() - start
         _REFERENCE[method] = output_dir
     return _REFERENCE[method]
@@ -169,7 +174,7 @@ def test_a_killed_run_resumed_from_latest_reaches_the_same_adapter(tiny):
     reference = reference_run(tiny, "liera")
     output_dir = tiny["root"] / "killed"
     args = train_args(tiny, output_dir, "liera", *VALIDATION)
-    process = launch(args, start_new_session=True)
+    process = launch(args, SINGLE, start_new_session=True)
     deadline = time.time() + 180
     while not (output_dir / "checkpoint-2").is_dir():
         assert process.poll() is None, process.communicate()[0][-4000:]
@@ -578,7 +583,7 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_adapter(tiny, fraction):
     reference = reference_run(tiny, "liera")
     output_dir = tiny["root"] / f"killed-{fraction}"
     args = train_args(tiny, output_dir, "liera", *VALIDATION)
-    process = launch(args, start_new_session=True)
+    process = launch(args, SINGLE, start_new_session=True)
     time.sleep(fraction * _DURATION["liera"])
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
