@@ -443,7 +443,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert args.with_prior_preservation  # on by default (benchmarks/quality.py's sweep)
     assert args.class_data_dir == os.path.join("outputs", "dreambooth-liera", "class_images")
     assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
-    assert args.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
+    # With pivotal tuning's targets, liera's keys and values train at their own rate.
+    assert (args.learning_rate, args.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["liera"]
     assert args.prior_loss_weight == 1.0  # liera keeps diffusers' weight; lora and flora weigh the prior 3x
     base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     assert script.parse_args([*base, "--adapter", "lora"]).prior_loss_weight == 3.0
@@ -726,9 +727,16 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     assert len(linear["params"]) + len(conv["params"]) == len(trainable)
 
     args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    args += ["--no-train_text_encoder_ti"]  # pivotal tuning's rates: PIVOTAL_LEARNING_RATES (above)
     divisor = script.DEFAULT_CONV_LEARNING_RATE_DIVISORS["liera"]
     assert script.parse_args(args).conv_learning_rate == script.DEFAULT_LEARNING_RATES["liera"] / divisor
     assert script.parse_args([*args, "--learning_rate", "1e-3"]).conv_learning_rate == 1e-3 / divisor
+    pivotal = [*args[:-1], "--learning_rate", "1e-3"]  # a given rate sets the convolutions' as without
+    assert script.parse_args(pivotal).conv_learning_rate == 1e-3 / divisor
+    assert (
+        script.parse_args([*args[:-1], "--conv_learning_rate", "1e-4"]).learning_rate
+        == script.PIVOTAL_LEARNING_RATES["liera"][0]
+    )
     assert script.parse_args([*args, "--adapter", "lora"]).conv_learning_rate is None
     assert "--conv_learning_rate must be positive, got 0" in refusal(
         script, capsys, [*args, "--conv_learning_rate", "0"]

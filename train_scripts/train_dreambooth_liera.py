@@ -103,6 +103,10 @@ DEFAULT_CONV_LEARNING_RATE_DIVISORS = {"liera": 10, "flora": 3}
 PIVOTAL_ADAPTERS = ("lora", "flora", "liera")
 DEFAULT_TOKEN_LEARNING_RATE = 5e-3
 PIVOTAL_TARGETS = "cross-kv+conv"
+# (--learning_rate, --conv_learning_rate) of an --adapter with pivotal tuning's defaults, where they are
+# not its DEFAULT_LEARNING_RATES (and divisor). liera: its cross-attention keys and values at half its
+# rate, the convolutions' unchanged (benchmarks/results/quality_pivotal_rate.md, 4 subjects x 3 seeds).
+PIVOTAL_LEARNING_RATES = {"liera": (2.5e-3, 5e-4)}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
 ADAPTER_NAME = "default"
@@ -334,7 +338,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Learning rate (after warm-up). Default: per --adapter, "
         + ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LEARNING_RATES.items())
         + " (a lie adapter changes W by W*sD, so it needs a larger step than W + sD; liera diverged at 2e-2; "
-        "only lora, flora and liera were tuned).",
+        "only lora, flora and liera were tuned); with pivotal tuning's defaults "
+        + ", ".join(f"{method} {lr:g}" for method, (lr, _) in PIVOTAL_LEARNING_RATES.items())
+        + ".",
     )
     train.add_argument(
         "--conv_learning_rate",
@@ -343,7 +349,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Learning rate of the adapters on convolutions. Default: --learning_rate divided by "
         + ", ".join(f"{n} ({method})" for method, n in DEFAULT_CONV_LEARNING_RATE_DIVISORS.items())
         + ", 1 for the other presets (a Tucker update multiplies five trained tensors, so it grows faster "
-        "than a two-factor one at the same rate).",
+        "than a two-factor one at the same rate); with pivotal tuning's defaults and no --learning_rate "
+        + ", ".join(f"{method} {conv:g}" for method, (_, conv) in PIVOTAL_LEARNING_RATES.items())
+        + ".",
     )
     train.add_argument(
         "--text_encoder_lr",
@@ -641,18 +649,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         _positive(parser, args, name)
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
-    if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
     if args.prior_loss_weight is None:
         args.prior_loss_weight = DEFAULT_PRIOR_LOSS_WEIGHTS.get(args.adapter, 1.0)
     if not math.isfinite(args.prior_loss_weight) or args.prior_loss_weight < 0:
         parser.error(f"--prior_loss_weight must be a finite number >= 0, got {args.prior_loss_weight}")
-    if args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    if args.conv_learning_rate is None and args.adapter in DEFAULT_CONV_LEARNING_RATE_DIVISORS:
-        args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
-    if args.conv_learning_rate is not None and args.conv_learning_rate <= 0:
-        parser.error(f"--conv_learning_rate must be positive, got {args.conv_learning_rate}")
+    for name in ("learning_rate", "conv_learning_rate"):  # their defaults follow the family (family_settings)
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     _positive(parser, args, "num_new_tokens_per_abstraction")
     if not args.token_abstraction.strip():
         parser.error("--token_abstraction must be a word of the instance prompt, got an empty string")
@@ -1081,6 +1084,7 @@ def family_settings(family, args: argparse.Namespace) -> str | None:
         args.train_text_encoder = not args.train_text_encoder_ti
     if args.targets is None:
         args.targets = PIVOTAL_TARGETS if args.train_text_encoder_ti else "attn+conv"
+    default_learning_rates(args)
     refusal = text_encoder_refusal(args)
     if refusal:
         return refusal
@@ -1103,6 +1107,19 @@ def family_settings(family, args: argparse.Namespace) -> str | None:
                 f"--{flag} is for flow-matching models (SD3, Flux); {family.title} is trained with DDPM noise"
             )
     return None
+
+
+def default_learning_rates(args: argparse.Namespace) -> None:
+    """Fills --learning_rate and --conv_learning_rate where not given: per --adapter, and with pivotal
+    tuning's targets per PIVOTAL_LEARNING_RATES; a given --learning_rate sets the convolutions' too."""
+    pivotal = PIVOTAL_LEARNING_RATES.get(args.adapter) if args.train_text_encoder_ti else None
+    if args.learning_rate is None and pivotal:
+        args.learning_rate = pivotal[0]
+        args.conv_learning_rate = args.conv_learning_rate or pivotal[1]
+    elif args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATES[args.adapter]
+    if args.conv_learning_rate is None and args.adapter in DEFAULT_CONV_LEARNING_RATE_DIVISORS:
+        args.conv_learning_rate = args.learning_rate / DEFAULT_CONV_LEARNING_RATE_DIVISORS[args.adapter]
 
 
 def text_encoder_refusal(args: argparse.Namespace) -> str | None:
