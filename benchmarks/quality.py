@@ -181,14 +181,17 @@ RECIPES: dict[str, str] = {
     # The same without the adapters on attention that cost prompt following when switched on alone (the
     # self-attention and the image side of cross-attention): cross-attention's keys and values (the text
     # side, Custom Diffusion's choice) and the convolutions stay.
-    # (Its liera runs in quality_pivotal_methods.md trained at liera's rate, 5e-3, before the script gave
-    # pivotal tuning its own, PIVOTAL_LEARNING_RATES: run again, they would take 2.5e-3 on K/V.)
+    # (Its lora and liera runs in quality_pivotal*.md trained at their rates, 1e-3 and 5e-3, before the
+    # script gave pivotal tuning its own, PIVOTAL_LEARNING_RATES: run again, they would take those.)
     "ti-rate5e-3-kvconv": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets attn2.to_k,attn2.to_v,"
     "resnets.[0-9]+.conv1,resnets.[0-9]+.conv2,resnets.[0-9]+.conv_shortcut,downsamplers.[0-9]+.conv,"
     "upsamplers.[0-9]+.conv",
-    # liera's pivotal default since quality_pivotal_rate.md: cross-attention's K/V at half its rate.
+    # liera's and lora's pivotal defaults since quality_pivotal_rate.md and quality_pivotal_lora_rate.md:
+    # cross-attention's K/V at half their rate, the convolutions' unchanged.
     "liera-kv2.5e-3": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets cross-kv+conv "
     "--learning_rate 2.5e-3 --conv_learning_rate 5e-4",
+    "lora-kv5e-4": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets cross-kv+conv "
+    "--learning_rate 5e-4 --conv_learning_rate 1e-3",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts

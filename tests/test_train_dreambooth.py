@@ -447,7 +447,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert (args.learning_rate, args.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["liera"]
     assert args.prior_loss_weight == 1.0  # liera keeps diffusers' weight; lora and flora weigh the prior 3x
     base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    assert script.parse_args([*base, "--adapter", "lora"]).prior_loss_weight == 3.0
+    lora = script.parse_args([*base, "--adapter", "lora"])
+    assert lora.prior_loss_weight == 3.0
+    assert (lora.learning_rate, lora.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["lora"]
     assert script.parse_args([*base, "--adapter", "flora"]).prior_loss_weight == 3.0
     assert (
         script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
