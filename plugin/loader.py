@@ -86,9 +86,9 @@ class LieraLoaderMixin:
                 )
             source = (dict(source), metadata)
         elif not isinstance(source, tuple):
-            found = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
+            adapter_path = files.locate_adapter(source, weight_name, subfolder, **hub_kwargs)
             embeddings = files.locate_companion(source, EMBEDDINGS_FILENAME, subfolder, **hub_kwargs)
-            source = found
+            source = adapter_path
             if embeddings is not None:
                 try:
                     tokens = check_embeddings(self, embeddings)

@@ -735,6 +735,8 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     assert script.parse_args([*args, "--learning_rate", "1e-3"]).conv_learning_rate == 1e-3 / divisor
     pivotal = [*args[:-1], "--learning_rate", "1e-3"]  # a given rate sets the convolutions' as without
     assert script.parse_args(pivotal).conv_learning_rate == 1e-3 / divisor
+    other_targets = script.parse_args([*args[:-1], "--targets", "attn+conv"])  # not the measured setting
+    assert other_targets.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
     assert (
         script.parse_args([*args[:-1], "--conv_learning_rate", "1e-4"]).learning_rate
         == script.PIVOTAL_LEARNING_RATES["liera"][0]

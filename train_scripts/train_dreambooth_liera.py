@@ -1113,8 +1113,10 @@ def family_settings(family, args: argparse.Namespace) -> str | None:
 
 def default_learning_rates(args: argparse.Namespace) -> None:
     """Fills --learning_rate and --conv_learning_rate where not given: per --adapter, and with pivotal
-    tuning's targets per PIVOTAL_LEARNING_RATES; a given --learning_rate sets the convolutions' too."""
-    pivotal = PIVOTAL_LEARNING_RATES.get(args.adapter) if args.train_text_encoder_ti else None
+    tuning on its targets (the setting they were measured in) per PIVOTAL_LEARNING_RATES; a given
+    --learning_rate sets the convolutions' too."""
+    measured = args.train_text_encoder_ti and args.targets == PIVOTAL_TARGETS
+    pivotal = PIVOTAL_LEARNING_RATES.get(args.adapter) if measured else None
     if args.learning_rate is None and pivotal:
         args.learning_rate = pivotal[0]
         args.conv_learning_rate = args.conv_learning_rate or pivotal[1]
