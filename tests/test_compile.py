@@ -3,6 +3,7 @@ and hot-swapped on compiled models under the model's own module paths. Dynamo's 
 break, so the tests compile with the `eager` backend: the same graphs, without code generation."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -85,27 +86,35 @@ def test_adapters_on_a_compiled_unet_keep_the_models_own_paths(tmp_path):
         torch.testing.assert_close(later(*inputs).sample, compiled(*inputs).sample)
 
 
+def graphs_of_training_then_evaluation(method: str | None) -> int:
+    """Frames dynamo compiles for three training steps and two no-grad evaluations of the tiny UNet,
+    with `method`'s adapters (None: bare)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    if method is not None:
+        plugin.add_adapter(unet, AdapterConfig(method=method, rank=4))
+    dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(unet, backend=counter)
+    for batch in [2, 2, 2]:
+        out = compiled(torch.randn(batch, 4, 8, 8), torch.tensor([10] * batch), torch.randn(batch, 6, 32))
+        out.sample.square().mean().backward()
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 6, 32))
+    return counter.frame_count
+
+
+@functools.cache
+def bare_unet_graphs() -> int:
+    return graphs_of_training_then_evaluation(None)
+
+
 @pytest.mark.parametrize("method", ["lora", "liera"])
 def test_a_compiled_unet_trains_and_evaluates_with_as_many_graphs_as_without_adapters(method):
     """Training steps and then no-grad evaluation (the training script's held-out measure) compile
     as many graphs as the bare UNet: the layer's Python caches (bypass plan, inference `W'`) are
     skipped while tracing, so they neither break the graph nor recompile it per layer."""
-    from torch._dynamo.testing import CompileCounter
-
-    frames = {}
-    for adapted in [False, True]:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**TINY_UNET)
-        if adapted:
-            plugin.add_adapter(unet, AdapterConfig(method=method, rank=4))
-        dynamo.reset()
-        counter = CompileCounter()
-        compiled = torch.compile(unet, backend=counter)
-        for batch in [2, 2, 2]:
-            out = compiled(torch.randn(batch, 4, 8, 8), torch.tensor([10] * batch), torch.randn(batch, 6, 32))
-            out.sample.square().mean().backward()
-        with torch.no_grad():
-            for _ in range(2):
-                compiled(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 6, 32))
-        frames[adapted] = counter.frame_count
-    assert frames[True] == frames[False]
+    assert graphs_of_training_then_evaluation(method) == bare_unet_graphs()
