@@ -115,6 +115,8 @@ SUBJECTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 # The script's defaults before pivotal tuning became lora's, flora's and liera's (text encoder adapted,
 # UNet on attn+conv): the recipes measured on them pin them, so that they keep their meaning.
 UNPIVOTAL = "--no-train_text_encoder_ti --targets attn+conv"
+# Pivotal tuning's settings, spelled out for the recipes that vary its rates.
+PIVOTAL = "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets cross-kv+conv"
 
 
 def sweep_args(
@@ -188,10 +190,8 @@ RECIPES: dict[str, str] = {
     "upsamplers.[0-9]+.conv",
     # liera's and lora's pivotal defaults since quality_pivotal_rate.md and quality_pivotal_lora_rate.md:
     # cross-attention's K/V at half their rate, the convolutions' unchanged.
-    "liera-kv2.5e-3": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets cross-kv+conv "
-    "--learning_rate 2.5e-3 --conv_learning_rate 5e-4",
-    "lora-kv5e-4": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets cross-kv+conv "
-    "--learning_rate 5e-4 --conv_learning_rate 1e-3",
+    "liera-kv2.5e-3": f"{PIVOTAL} --learning_rate 2.5e-3 --conv_learning_rate 5e-4",
+    "lora-kv5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 1e-3",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts

@@ -728,17 +728,22 @@ def test_conv_learning_rate_gives_conv_adapters_a_group_of_their_own(script, cap
     assert on_convs and {id(p) for p in conv["params"]} == on_convs
     assert len(linear["params"]) + len(conv["params"]) == len(trainable)
 
-    args = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
-    args += ["--no-train_text_encoder_ti"]  # pivotal tuning's rates: PIVOTAL_LEARNING_RATES (above)
+    pivotal = [
+        "--pretrained_model_name_or_path",
+        str(tiny["base"]),
+        "--instance_data_dir",
+        str(tiny["subject"]),
+    ]
+    args = [*pivotal, "--no-train_text_encoder_ti"]  # pivotal tuning's rates: PIVOTAL_LEARNING_RATES (above)
     divisor = script.DEFAULT_CONV_LEARNING_RATE_DIVISORS["liera"]
     assert script.parse_args(args).conv_learning_rate == script.DEFAULT_LEARNING_RATES["liera"] / divisor
     assert script.parse_args([*args, "--learning_rate", "1e-3"]).conv_learning_rate == 1e-3 / divisor
-    pivotal = [*args[:-1], "--learning_rate", "1e-3"]  # a given rate sets the convolutions' as without
-    assert script.parse_args(pivotal).conv_learning_rate == 1e-3 / divisor
-    other_targets = script.parse_args([*args[:-1], "--targets", "attn+conv"])  # not the measured setting
+    # With pivotal tuning too, a given rate sets the convolutions' as without.
+    assert script.parse_args([*pivotal, "--learning_rate", "1e-3"]).conv_learning_rate == 1e-3 / divisor
+    other_targets = script.parse_args([*pivotal, "--targets", "attn+conv"])  # not the measured setting
     assert other_targets.learning_rate == script.DEFAULT_LEARNING_RATES["liera"]
     assert (
-        script.parse_args([*args[:-1], "--conv_learning_rate", "1e-4"]).learning_rate
+        script.parse_args([*pivotal, "--conv_learning_rate", "1e-4"]).learning_rate
         == script.PIVOTAL_LEARNING_RATES["liera"][0]
     )
     assert script.parse_args([*args, "--adapter", "lora"]).conv_learning_rate is None
