@@ -192,6 +192,15 @@ RECIPES: dict[str, str] = {
     # cross-attention's K/V at half their rate, the convolutions' unchanged.
     "liera-kv2.5e-3": f"{PIVOTAL} --learning_rate 2.5e-3 --conv_learning_rate 5e-4",
     "lora-kv5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 1e-3",
+    # flora's (quality_pivotal_flora_conv_screen.md, quality_pivotal_flora_rate.md): its convolutions at
+    # half their rate, with K/V at half theirs (the default since) and alone, and the Tucker ranks of the
+    # kernel's spatial modes full (3, the channel ranks lower for about the same parameter count).
+    "flora-kv1.5e-3-conv5e-4": f"{PIVOTAL} --learning_rate 1.5e-3 --conv_learning_rate 5e-4",
+    "flora-kv3e-3-conv5e-4": f"{PIVOTAL} --learning_rate 3e-3 --conv_learning_rate 5e-4",
+    "flora-spatial3": f"{PIVOTAL} --conv_rank 21 21 3 3",
+    # The convolutions at half their rate for lora and liera too, with their pivotal K/V rates.
+    "lora-kv5e-4-conv5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 5e-4",
+    "liera-kv2.5e-3-conv2.5e-4": f"{PIVOTAL} --learning_rate 2.5e-3 --conv_learning_rate 2.5e-4",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts

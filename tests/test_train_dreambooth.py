@@ -450,7 +450,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     lora = script.parse_args([*base, "--adapter", "lora"])
     assert lora.prior_loss_weight == 3.0
     assert (lora.learning_rate, lora.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["lora"]
-    assert script.parse_args([*base, "--adapter", "flora"]).prior_loss_weight == 3.0
+    flora = script.parse_args([*base, "--adapter", "flora"])
+    assert flora.prior_loss_weight == 3.0
+    assert (flora.learning_rate, flora.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["flora"]
     assert (
         script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
     )
