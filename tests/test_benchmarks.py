@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bleed, profile_step, quality, speed, yardstick
+from benchmarks import bleed, profile_step, quality, speed, subject_misses, yardstick
 from plugin.toy.data import make_prompts
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
@@ -208,6 +208,21 @@ def test_quality_benchmark_refuses_unknown_recipes_and_subjects():
         quality.parse_args(["--recipes", "no-such-recipe"])
     with pytest.raises(SystemExit):
         quality.parse_args(["--subjects", str(len(quality.SUBJECTS))])
+
+
+def test_subject_misses_tells_a_subject_on_its_own_colour_from_one_recognised():
+    from PIL import Image
+
+    from plugin.toy.data import render_subject
+
+    info = quality.subject_info(1)  # the blue and white vertically striped triangle
+    assert "blue" in info["colours"]
+
+    def drawn_on(background: str) -> Image.Image:
+        return Image.fromarray(render_subject(background=background, subject_=info))
+
+    assert subject_misses.why_missed(drawn_on("red"), info) == "recognised"
+    assert subject_misses.why_missed(drawn_on("blue"), info) == "background of a subject colour"
 
 
 def test_yardstick_trains_full_and_lora_judges_and_resumes(tmp_path):
