@@ -201,6 +201,7 @@ RECIPES: dict[str, str] = {
     # The convolutions at half their rate for lora and liera too, with their pivotal K/V rates.
     "lora-kv5e-4-conv5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 5e-4",
     "liera-kv2.5e-3-conv2.5e-4": f"{PIVOTAL} --learning_rate 2.5e-3 --conv_learning_rate 2.5e-4",
+    "flora-kv1.5e-3-conv2.5e-4": f"{PIVOTAL} --learning_rate 1.5e-3 --conv_learning_rate 2.5e-4",
 }
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts

@@ -104,13 +104,13 @@ PIVOTAL_ADAPTERS = ("lora", "flora", "liera")
 DEFAULT_TOKEN_LEARNING_RATE = 5e-3
 PIVOTAL_TARGETS = "cross-kv+conv"
 # (--learning_rate, --conv_learning_rate) of an --adapter with pivotal tuning's defaults, where they are
-# not its DEFAULT_LEARNING_RATES (and divisor): cross-attention's keys and values at half the rate, the
-# convolutions' unchanged (4 subjects x 3 seeds: liera benchmarks/results/quality_pivotal_rate.md,
-# held-out fit x0.844 -> x0.832, drift +9.1 -> +7.7%, prompt following 0.73 -> 0.87; lora
-# quality_pivotal_lora_rate.md, x0.911 -> x0.902, +13.9 -> +13.4%, 0.81 -> 0.89). flora's and lora's
-# convolutions at half their rate too, 5e-4 like liera's (quality_pivotal_flora_rate.md: flora, with K/V
-# halved, x0.919 -> x0.871, +14.0 -> +12.0%, prompt following 0.83 either way;
-# quality_pivotal_lora_conv_rate.md: lora x0.902 -> x0.850, +13.4 -> +10.8%, 0.89 -> 0.85).
+# not its DEFAULT_LEARNING_RATES (and divisor): cross-attention's keys and values at half the method's
+# rate, the convolutions at 5e-4 for all three, 4 subjects x 3 seeds each (liera: K/V halved,
+# benchmarks/results/quality_pivotal_rate.md, held-out fit x0.844 -> x0.832, drift +9.1 -> +7.7%, prompt
+# following 0.73 -> 0.87; flora: K/V and convs halved, quality_pivotal_flora_rate.md, x0.919 -> x0.871,
+# +14.0 -> +12.0%, 0.83 either way; lora: K/V halved, quality_pivotal_lora_rate.md, x0.911 -> x0.902,
+# +13.9 -> +13.4%, 0.81 -> 0.89, then convs halved, quality_pivotal_lora_conv_rate.md, x0.902 -> x0.850,
+# +13.4 -> +10.8%, 0.89 -> 0.85).
 PIVOTAL_LEARNING_RATES = {"lora": (5e-4, 5e-4), "flora": (1.5e-3, 5e-4), "liera": (2.5e-3, 5e-4)}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
