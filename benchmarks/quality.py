@@ -183,13 +183,13 @@ RECIPES: dict[str, str] = {
     # The same without the adapters on attention that cost prompt following when switched on alone (the
     # self-attention and the image side of cross-attention): cross-attention's keys and values (the text
     # side, Custom Diffusion's choice) and the convolutions stay.
-    # (Its lora and liera runs in quality_pivotal*.md trained at their rates, 1e-3 and 5e-3, before the
-    # script gave pivotal tuning its own, PIVOTAL_LEARNING_RATES: run again, they would take those.)
+    # (Its lora, flora and liera runs in quality_pivotal*.md trained at their rates, 1e-3, 3e-3 and 5e-3,
+    # before the script gave pivotal tuning its own, PIVOTAL_LEARNING_RATES: run again, they would take those.)
     "ti-rate5e-3-kvconv": "--train_text_encoder_ti --text_encoder_lr 5e-3 --targets attn2.to_k,attn2.to_v,"
     "resnets.[0-9]+.conv1,resnets.[0-9]+.conv2,resnets.[0-9]+.conv_shortcut,downsamplers.[0-9]+.conv,"
     "upsamplers.[0-9]+.conv",
-    # liera's and lora's pivotal defaults since quality_pivotal_rate.md and quality_pivotal_lora_rate.md:
-    # cross-attention's K/V at half their rate, the convolutions' unchanged.
+    # Cross-attention's K/V at half their rate, the convolutions' unchanged (quality_pivotal_rate.md,
+    # quality_pivotal_lora_rate.md): liera's pivotal default since; lora's until lora-kv5e-4-conv5e-4.
     "liera-kv2.5e-3": f"{PIVOTAL} --learning_rate 2.5e-3 --conv_learning_rate 5e-4",
     "lora-kv5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 1e-3",
     # flora's (quality_pivotal_flora_conv_screen.md, quality_pivotal_flora_rate.md): its convolutions at

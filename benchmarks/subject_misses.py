@@ -16,6 +16,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -25,20 +26,24 @@ if __package__ in (None, ""):  # run as a script: the repository's root on the p
 
 from benchmarks.quality import REPO_ROOT, SUBJECTS, subject_info  # noqa: E402
 
+if TYPE_CHECKING:
+    from plugin.toy.analyser import Analysis
+
 CLOSE_SECOND = 0.65  # the subject's shape score above which a miss counts as a close second
 
 
-def why_missed(image: Image.Image, info: dict) -> str:
-    """The reason `image` is not recognised as the subject `info`, or "recognised"."""
+def why_missed(image: Image.Image, info: dict, analysis: Analysis | None = None) -> str:
+    """The reason `image` is not recognised as the subject `info`, or "recognised" (`analysis`:
+    `analyse(image)` where the caller has it already)."""
     from plugin.toy.analyser import analyse, analyse_subject
 
-    verdict, analysis = analyse_subject(image, info), analyse(image)
+    verdict, analysis = analyse_subject(image, info), analysis or analyse(image)
     if verdict["is_subject"]:
         return "recognised"
     if analysis.background in info["colours"]:
         return "background of a subject colour"
-    largest = max(analysis.objects, key=lambda o: o.area, default=None)
-    if largest is not None and not verdict["shape_ok"] and largest.shape_scores[info["shape"]] > CLOSE_SECOND:
+    main = analysis.main  # the largest object, the one analyse_subject judged
+    if main is not None and not verdict["shape_ok"] and main.shape_scores[info["shape"]] > CLOSE_SECOND:
         return "shape a close second"
     return "other"
 
@@ -52,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     from plugin.toy.analyser import analyse
 
-    infos = {subject_info(i)["slug"]: subject_info(i) for i in range(len(SUBJECTS))}
+    infos = {info["slug"]: info for info in map(subject_info, range(len(SUBJECTS)))}
     for spec in args.runs:
         recipe, method = spec.split(":")
         reasons: dict[str, Counter] = {}
@@ -67,9 +72,10 @@ def main() -> None:
             for kind, images in np.load(path).items():
                 for array in images:
                     image = Image.fromarray(array)
-                    reasons.setdefault(kind, Counter())[why_missed(image, info)] += 1
+                    analysis = analyse(image)
+                    reasons.setdefault(kind, Counter())[why_missed(image, info, analysis)] += 1
                     if kind == "instance":
-                        backgrounds[analyse(image).background] += 1
+                        backgrounds[analysis.background] += 1
         print(f"{spec} ({len(files)} runs)")
         for kind, counts in reasons.items():
             print(f"  {kind}: " + ", ".join(f"{reason} {n}" for reason, n in counts.most_common()))
