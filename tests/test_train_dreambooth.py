@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -131,6 +132,8 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     trained_on = {path.read_bytes() for path in (output_dir / "class_images").glob("*.png")}
     drift = list((output_dir / "drift_class_images").glob("*.png"))
     assert len(trained_on) == len(drift) == 2 and not trained_on & {path.read_bytes() for path in drift}
+    # ... and shows them in one grid, to look at (a row of the two, each 128 pixels).
+    assert Image.open(output_dir / "class_images.png").size == (2 * 128, 128)
     for name in ["train_images_loss", "heldout_loss", "class_loss"]:
         assert 0 < metrics[f"{name}_before"] < math.inf and 0 < metrics[f"{name}_after"] < math.inf, name
     assert metrics["heldout_loss_ratio"] == pytest.approx(

@@ -58,6 +58,7 @@ DEFAULT_SUBJECT = REPO_ROOT / "assets" / "subject"
 PROMPTS_FILE = "prompts.json"
 HELDOUT_FOLDER = "heldout"  # in an instance folder: views of the subject that training never sees
 DRIFT_FOLDER = "drift_class_images"  # in --output_dir: base-model samples of --class_prompt
+CLASS_GRID = "class_images.png"  # in --output_dir: the class images prior preservation trains on, to look at
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as plugin.training.list_images
 TARGET_PRESETS = ("attn", "conv", "attn+conv", "cross-kv+conv", "all")  # as plugin.config.TARGET_PRESETS
 # Chosen with benchmarks/quality.py on subjects the toy base never saw (README, "Benchmarks"): with
@@ -1297,6 +1298,30 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
     generate_images(args, accelerator, Path(args.class_data_dir), args.num_class_images, prompts=prompts)
 
 
+def save_class_image_grid(args: argparse.Namespace) -> Path:
+    """A grid of the class images prior preservation trains on, for the user to look at: where the base
+    does not draw the class (a shape it never drew: the benchmark's orange cross), they teach the class
+    word away from the subject, and the subject trains better without them (README, "The class images")."""
+    trained_on = list_images(args.class_data_dir)[: args.num_class_images]
+    thumbnails = []
+    for image_path in trained_on[:32]:
+        with Image.open(image_path) as image:
+            thumbnails.append(image.convert("RGB").resize((128, 128)))
+    columns = min(8, len(thumbnails))
+    rows = math.ceil(len(thumbnails) / columns)
+    thumbnails += [Image.new("RGB", (128, 128), "white")] * (rows * columns - len(thumbnails))
+    path = Path(args.output_dir, CLASS_GRID)
+    partial = path.with_name(f".{path.name}.partial")
+    make_image_grid(thumbnails, rows=rows, cols=columns).save(partial, format="PNG")
+    os.replace(partial, path)
+    logger.info(
+        f"Prior preservation trains on {len(trained_on)} class images for {args.class_prompt!r} ({path}): if "
+        "they do not show your subject's class (the base can't draw it), they pull the class word away from "
+        "your subject; then train with --no-with_prior_preservation."
+    )
+    return path
+
+
 def drift_class_images(args: argparse.Namespace, accelerator: Accelerator) -> list[Path]:
     """The class images of the prior-drift measure, never trained on: --num_drift_images of
     --class_data_dir (with prior preservation, those after the --num_class_images it trains on), else
@@ -1756,6 +1781,8 @@ def main(args: argparse.Namespace) -> dict:
                 logger.info(f"Removing {old} (--overwrite_output_dir)")
                 shutil.rmtree(old)
         write_atomically(Path(args.output_dir, RUN_FILE), json.dumps(run_identity(args), indent=2))
+        if args.with_prior_preservation:
+            save_class_image_grid(args)
     accelerator.wait_for_everyone()
 
     # Load the base model; only the adapters will train.
