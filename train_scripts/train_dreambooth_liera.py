@@ -20,7 +20,8 @@ lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora
 restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves
 `adapter.safetensors` (format `liera/1`, or `liera/2` for the newer presets; see FORMAT.md),
 `checkpoint-<step>/` folders (resumable with `--resume_from_checkpoint latest`), `validation/*.png`
-grids, `metrics.json` and a `README.md` card.
+grids, `class_images.png` (prior preservation's class images, to look at), `metrics.json` and a
+`README.md` card.
 
 After training it measures the denoising loss, base vs adapted, on the training images (fit), on
 held-out images of the subject that training never saw (generalisation: `--heldout_data_dir`, default
