@@ -49,7 +49,7 @@ import shutil
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = REPO_ROOT / "assets" / "toy-sd"
@@ -1307,7 +1307,7 @@ def save_class_image_grid(args: argparse.Namespace) -> Path:
     thumbnails = []
     for image_path in trained_on[:32]:
         with Image.open(image_path) as image:
-            thumbnails.append(image.convert("RGB").resize((128, 128)))
+            thumbnails.append(ImageOps.fit(image.convert("RGB"), (128, 128)))  # centre crop, no stretch
     columns = min(8, len(thumbnails))
     rows = math.ceil(len(thumbnails) / columns)
     thumbnails += [Image.new("RGB", (128, 128), "white")] * (rows * columns - len(thumbnails))
