@@ -204,17 +204,25 @@ RECIPES: dict[str, str] = {
     "flora-kv1.5e-3-conv2.5e-4": f"{PIVOTAL} --learning_rate 1.5e-3 --conv_learning_rate 2.5e-4",
     "lora-kv5e-4-conv2.5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 2.5e-4",
 }
-# The pivotal defaults (their recipes above spell them out) at other lengths than 800 steps: with pivotal
-# tuning every method's held-out loss (the script's heldout_curve) is lowest between steps 250 and 500 and
-# rises after; liera at 1200: whether the cross, which loses its shape with fewer steps, keeps gaining.
+# The pivotal defaults (their recipes above spell them out), of which the variants below change one setting.
 _PIVOTAL_DEFAULTS = {
     "lora": "lora-kv5e-4-conv5e-4",
     "flora": "flora-kv1.5e-3-conv5e-4",
     "liera": "liera-kv2.5e-3",
 }
+
+
+def _on_default(method: str, extra: str) -> str:
+    """The method's pivotal-defaults recipe with `extra` arguments: a variant that names only its change."""
+    return f"{RECIPES[_PIVOTAL_DEFAULTS[method]]} {extra}"
+
+
+# At other lengths than 800 steps: with pivotal tuning every method's held-out loss (the script's
+# heldout_curve) is lowest between steps 250 and 500 and rises after; liera at 1200: whether the cross,
+# which loses its shape with fewer steps, keeps gaining.
 RECIPES.update(
     {
-        f"{method}-{steps}steps": f"{RECIPES[_PIVOTAL_DEFAULTS[method]]} --max_train_steps {steps}"
+        f"{method}-{steps}steps": _on_default(method, f"--max_train_steps {steps}")
         for method, steps in [
             ("lora", 500),
             ("flora", 500),
@@ -229,26 +237,20 @@ RECIPES.update(
 # steps. Min-SNR weighting (the toy base's own pretraining loss) moves the loss's weight to the noisy
 # timesteps where a sample's shape is decided; a cosine schedule from twice the rates moves the learning
 # early, at the same total rate (a cosine's mean is half its peak).
-RECIPES["liera-snr5"] = f"{RECIPES['liera-kv2.5e-3']} --snr_gamma 5"
+RECIPES["liera-snr5"] = _on_default("liera", "--snr_gamma 5")
 RECIPES["liera-cosine-peak2x"] = (
     f"{PIVOTAL} --learning_rate 5e-3 --conv_learning_rate 1e-3 --lr_scheduler cosine"
 )
 # Whether the class images hold the cross back: the base draws orange diamonds and triangles for "a cross"
 # (a shape it never drew), so prior preservation teaches the class word away from the subject's shape.
-RECIPES.update(
-    {
-        f"{method}-noprior": f"{RECIPES[_PIVOTAL_DEFAULTS[method]]} --no-with_prior_preservation"
-        for method in ("lora", "flora", "liera")
-    }
-)
-RECIPES["liera-prior0.3"] = f"{RECIPES['liera-kv2.5e-3']} --prior_loss_weight 0.3"
 # lora's and flora's prior weight (3, DEFAULT_PRIOR_LOSS_WEIGHTS) was chosen before pivotal tuning; at
 # liera's 1 the class images pull less.
 RECIPES.update(
-    {
-        f"{method}-prior1": f"{RECIPES[_PIVOTAL_DEFAULTS[method]]} --prior_loss_weight 1"
-        for method in ("lora", "flora")
-    }
+    {f"{method}-noprior": _on_default(method, "--no-with_prior_preservation") for method in _PIVOTAL_DEFAULTS}
+)
+RECIPES["liera-prior0.3"] = _on_default("liera", "--prior_loss_weight 0.3")
+RECIPES.update(
+    {f"{method}-prior1": _on_default(method, "--prior_loss_weight 1") for method in ("lora", "flora")}
 )
 VIEWS = 4  # training views per subject, and held-out views
 JUDGE_PROMPT_SEED = 1  # of the prompt-following prompts

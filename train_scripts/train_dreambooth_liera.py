@@ -1312,9 +1312,7 @@ def save_class_image_grid(args: argparse.Namespace) -> Path:
     rows = math.ceil(len(thumbnails) / columns)
     thumbnails += [Image.new("RGB", (128, 128), "white")] * (rows * columns - len(thumbnails))
     path = Path(args.output_dir, CLASS_GRID)
-    partial = path.with_name(f".{path.name}.partial")
-    make_image_grid(thumbnails, rows=rows, cols=columns).save(partial, format="PNG")
-    os.replace(partial, path)
+    write_atomically(path, make_image_grid(thumbnails, rows=rows, cols=columns))
     logger.info(
         f"Prior preservation trains on {len(trained_on)} class images for {args.class_prompt!r} ({path}): if "
         "they do not show your subject's class (the base can't draw it), they pull the class word away from "
@@ -1490,10 +1488,14 @@ class HeldoutTrack:
             self.kept_tensors = load_file(folder / "kept_adapter.safetensors")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a text file under a temporary name, then rename it: never half a file under its name."""
+def write_atomically(path: Path, content: str | Image.Image) -> None:
+    """Write a text file (or an image, as PNG) under a temporary name, then rename it: never half a file
+    under its name."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
+    if isinstance(content, Image.Image):
+        content.save(partial, format="PNG")
+    else:
+        partial.write_text(content)
     os.replace(partial, path)
 
 
