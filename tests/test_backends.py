@@ -224,6 +224,25 @@ def test_abba_starts_from_the_weights_principal_subspace():
     assert torch.count_nonzero(backend.hada_w2_a) == 0 and torch.count_nonzero(backend.hada_w2_b) > 0
 
 
+def test_tuckers_zero_out_start_trains_the_output_factor_from_the_first_step():
+    """From FLoRA's zero core only the core gets a gradient at first; from LoRA's start in Tucker form
+    (zero output factor, a core with orthonormal mode-0 rows) only the output factor, as LoRA's up."""
+    shape, ranks = (8, 6, 3, 3), [4, 4, 2, 2]
+    target = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for init, trained in (("zero-core", "tucker_core"), ("zero-out", "tucker_factor.0")):
+        backend = Tucker(shape, ranks, init=init)
+        assert torch.count_nonzero(backend.delta()) == 0
+        (backend.delta() * target).sum().backward()
+        assert [name for name, p in backend.named_parameters() if p.grad.abs().sum() > 0] == [trained]
+    core = Tucker(shape, ranks, init="zero-out").tucker_core.detach().reshape(4, -1)
+    torch.testing.assert_close(core @ core.T, torch.eye(4))
+    with pytest.raises(ValueError, match="tucker: unknown init 'loha'"):
+        Tucker(shape, ranks, init="loha")
+    AdapterConfig(method="liera", init="zero-out")  # its Tucker convolutions take it
+    with pytest.raises(ValueError, match="init does not apply to the lowrank backend"):
+        AdapterConfig(method="lora", init="zero-out")
+
+
 def test_block_counts_clip_to_a_common_divisor():
     assert BlockDiag((12, 8), blocks=64).blockdiag_blocks.shape == (4, 3, 2)
     assert BlockDiag((9, 6, 3, 3), blocks=2).blockdiag_blocks.shape == (1, 9, 6, 3, 3)

@@ -567,7 +567,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="pissa: start at W's principal part and train on the residual (PiSSA; HOSVD for tucker, "
-        "ABBA's start for hadamard); loha or abba: the hadamard backend's own initialisations.",
+        "ABBA's start for hadamard); loha or abba: the hadamard backend's own initialisations; zero-core "
+        "(FLoRA's) or zero-out (LoRA's start in Tucker form): the tucker backend's.",
     )
     adapter.add_argument(
         "--vectors", type=str, default=None, help="The rowcol backend's vectors: both, row or col."

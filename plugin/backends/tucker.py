@@ -39,19 +39,34 @@ def _unfolded_without_mode_0(core: torch.Tensor, factors: list[torch.Tensor]) ->
     return torch.matmul(factors[1], unfolded).reshape(r_out, -1)  # F_1 on every r_out slice
 
 
+INITS = ("zero-core", "zero-out")
+
+
 class Tucker(Backend):
-    """Zero core, orthonormal random factors, so `D = 0` (FLoRA)."""
+    """`init="zero-core"` (FLoRA): zero core, orthonormal random factors. `init="zero-out"` (LoRA's
+    start in Tucker form): the output factor zero, the other factors orthonormal and the core's
+    mode-0 unfolding with orthonormal rows. Either way `D = 0`.
+
+    From a zero core only the core trains at first (the factors' gradients are zero), inside random
+    subspaces, until it has grown; from a zero output factor that factor trains from the first step,
+    as LoRA's up matrix does, on an input projection with orthonormal rows.
+    """
 
     name = "tucker"
     tensor_names = r"tucker_core|tucker_factor\.\d+"
 
-    def __init__(self, shape: tuple[int, ...], rank: Rank = 8):
+    def __init__(self, shape: tuple[int, ...], rank: Rank = 8, init: str = "zero-core"):
         super().__init__(shape)
+        if init not in INITS:
+            raise ValueError(f"tucker: unknown init {init!r}; choose one of {INITS}")
         ranks = mode_ranks(rank, self.shape)
         self.tucker_core = nn.Parameter(torch.zeros(ranks))
         self.tucker_factor = factor_list(list(zip(self.shape, ranks)))
         for factor in self.tucker_factor:
             nn.init.orthogonal_(factor)
+        if init == "zero-out":
+            nn.init.orthogonal_(self.tucker_core.view(ranks[0], -1))
+            nn.init.zeros_(self.tucker_factor[0])
 
     def factors(self, coefficient: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         factors = list(self.tucker_factor)
