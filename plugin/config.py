@@ -96,19 +96,21 @@ Rank = int | list[int]
 class AdapterConfig:
     """How to build one named adapter: a preset (`method`, see `METHODS`) and any overrides.
 
-    `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may
+    `backend` replaces the preset's backend on every layer, `conv_backend` on convolutions only. `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may
     be a list of per-mode Tucker ranks `[out, in, k_0, k_1, ...]` (a shorter list repeats its last
     entry over the remaining kernel modes). Ranks are clipped to each mode's size. `rank_pattern`
     overrides the rank of modules whose name matches a pattern, like PEFT's. With `alpha` set the
     scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`. `init`,
     `blocks` and `vectors` go to the backends that have them (`blocks` is clipped per layer to a
     divisor of both channel counts); `init="pissa"` starts lowrank and tucker updates at `W`'s
-    principal part (PiSSA, HOSVD), hadamard ones at ABBA's. Unset fields take the preset's values.
+    principal part (PiSSA, HOSVD), hadamard ones at ABBA's; `init="zero-out"` starts tucker updates
+    from a zero output factor instead of FLoRA's zero core. Unset fields take the preset's values.
     """
 
     method: str = "liera"
     composition: str | None = None
     backend: str | None = None
+    conv_backend: str | None = None
     lie_map: str | None = None
     rank: Rank = 8
     conv_rank: Rank | None = None
@@ -131,8 +133,9 @@ class AdapterConfig:
                 setattr(self, name, getattr(preset, name))
         if self.composition not in COMPOSITIONS:
             raise ValueError(f"unknown composition {self.composition!r}; choose one of {COMPOSITIONS}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        for name in ("backend", "conv_backend"):
+            if getattr(self, name) is not None and getattr(self, name) not in BACKENDS:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {BACKENDS}")
         if self.lie_map not in LIE_MAPS:
             raise ValueError(f"unknown lie_map {self.lie_map!r}; choose one of {LIE_MAPS}")
         for where, rank in [("rank", self.rank), ("conv_rank", self.conv_rank), *self.rank_pattern.items()]:
@@ -175,10 +178,12 @@ class AdapterConfig:
         return TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
 
     def backend_for(self, weight_ndim: int) -> str:
-        if self.backend is not None:
-            return self.backend
+        """A Linear layer's backend (`weight_ndim` 2) or a conv's: `conv_backend`, then `backend`, then
+        the preset's, the first that is set."""
         preset = METHODS[self.method]
-        return preset.backend if weight_ndim == 2 else preset.conv_backend or preset.backend
+        if weight_ndim == 2:
+            return self.backend or preset.backend
+        return self.conv_backend or self.backend or preset.conv_backend or preset.backend
 
     def backend_options(self) -> dict[str, object]:
         """The backend options this config sets (`init`, `blocks`, `vectors`)."""

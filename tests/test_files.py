@@ -42,6 +42,22 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs(tmp_path, met
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic save left no temporary file
 
 
+def test_a_conv_backend_of_its_own_saves_and_loads(tmp_path, unet_inputs):
+    """lora on Linear layers with Tucker convs (LyCORIS' LoCon-Tucker): each module's backend is told by
+    its own tensors, so the file loads as it was trained."""
+    unet, path = trained_file(tmp_path, "lora", conv_backend="tucker", conv_rank=[4, 4, 2, 2])
+    fresh = fresh_unet()
+    plugin.load_adapter(path, {"unet": fresh})
+    backends = {
+        (module.base_layer.weight.ndim, module.adapters["lora"].backend.name)
+        for module in fresh.modules()
+        if isinstance(module, AdaptedLayer)
+    }
+    assert backends == {(2, "lowrank"), (4, "tucker")}
+    with torch.no_grad():
+        assert torch.equal(unet(*unet_inputs).sample, fresh(*unet_inputs).sample)
+
+
 def test_header_and_keys_follow_format_md(tmp_path):
     unet, path = trained_file(tmp_path, "liera", lie_map="linear")
     with safe_open(str(path), framework="pt") as handle:

@@ -557,6 +557,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Override how D is built for every layer (default: the preset's).",
     )
     adapter.add_argument(
+        "--conv_backend",
+        type=str,
+        default=None,
+        choices=BACKENDS,
+        help="Override how D is built for convolutions only (LyCORIS' LoCon-Tucker: --adapter lora "
+        "--conv_backend tucker).",
+    )
+    adapter.add_argument(
         "--blocks",
         type=int,
         default=None,
@@ -1160,6 +1168,7 @@ def adapter_config_from(args: argparse.Namespace, base_model: str | None):
 
     options = (
         "backend",
+        "conv_backend",
         "lie_map",
         "rank",
         "conv_rank",
