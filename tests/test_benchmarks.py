@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bleed, profile_step, quality, speed, subject_misses, yardstick
+from benchmarks import bleed, profile_step, quality, speed, subject_misses, update_norms, yardstick
 from plugin.toy.data import make_prompts
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
@@ -201,6 +201,14 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     # --layer-kinds: one kind of the UNet's adapted layers on at a time.
     for kind in bleed.LAYER_KINDS:
         assert 0 <= rows[1][f"all right, UNet {kind} only"] <= 2
+
+    # update_norms.py reads them too: per kind of layer, the update's size and its effective rank,
+    # beyond the ranks of liera's D (2 on Linear layers, Tucker 8 on convs): W ⊙ (exp(D) - 1) is not low-rank.
+    rows = update_norms.main(argv)["rows"]
+    assert [row["recipe"] for row in rows] == ["plain", "defaults"]
+    for row in rows:
+        assert row["conv 3x3: ‖ΔW‖/‖W‖"] > 0 and row["conv 3x3: effective rank"] > 8
+    assert rows[0]["linear: effective rank"] > 2 and rows[0]["text encoder: ‖ΔW‖/‖W‖"] > 0
 
 
 def test_quality_benchmark_refuses_unknown_recipes_and_subjects():
