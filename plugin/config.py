@@ -96,9 +96,10 @@ Rank = int | list[int]
 class AdapterConfig:
     """How to build one named adapter: a preset (`method`, see `METHODS`) and any overrides.
 
-    `backend` replaces the preset's backend on every layer, `conv_backend` on convolutions only. `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may
-    be a list of per-mode Tucker ranks `[out, in, k_0, k_1, ...]` (a shorter list repeats its last
-    entry over the remaining kernel modes). Ranks are clipped to each mode's size. `rank_pattern`
+    `backend` replaces the preset's backend on every layer, `conv_backend` on convolutions only.
+    `rank` is the rank of Linear layers (and of convs when `conv_rank` is unset); `conv_rank` may be a
+    list of per-mode Tucker ranks `[out, in, k_0, k_1, ...]` (a shorter list repeats its last entry
+    over the remaining kernel modes). Ranks are clipped to each mode's size. `rank_pattern`
     overrides the rank of modules whose name matches a pattern, like PEFT's. With `alpha` set the
     scale is `alpha / rank` (rank's first entry), LoRA-style; otherwise it is `scale`. `init`,
     `blocks` and `vectors` go to the backends that have them (`blocks` is clipped per layer to a
