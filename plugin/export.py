@@ -379,24 +379,35 @@ def exact_export(
     )
 
 
-def _require(layer: AdaptedLayer, adapter: Adapter, where: str, composition: str, backend: str, layout: str):
-    if (adapter.composition.name, adapter.backend.name) != (composition, backend):
+def _require(
+    layer: AdaptedLayer,
+    adapter: Adapter,
+    where: str,
+    composition: str,
+    backends: tuple[str, ...],
+    layout: str,
+):
+    if adapter.composition.name != composition or adapter.backend.name not in backends:
         raise ValueError(
-            f"{where}: a {layout} holds {composition} + {backend} adapters exactly; this module is "
-            f"{adapter.composition.name} + {adapter.backend.name} (export it as a LoRA instead)"
+            f"{where}: a {layout} holds {composition} + {' or '.join(backends)} adapters exactly; this "
+            f"module is {adapter.composition.name} + {adapter.backend.name} (export it as a LoRA instead)"
         )
 
 
 def kohya_modules(
-    models: Mapping[str, nn.Module], adapter_name: str, layout: str, composition: str, backend: str
+    models: Mapping[str, nn.Module],
+    adapter_name: str,
+    layout: str,
+    composition: str,
+    backends: tuple[str, ...],
 ) -> list[tuple[str, AdaptedLayer, Adapter]]:
     """`(kohya key, layer, adapter)` of every module of an exact `layout` export, refusing any module
-    whose adapter is not `composition + backend`."""
+    whose adapter is not `composition` + one of `backends`."""
     prefixes = kohya_prefixes(models)
     found = []
     for component, path, layer in adapted_modules(models, adapter_name, layout, prefixes):
         adapter = layer.adapters[adapter_name]
-        _require(layer, adapter, f"{component}.{path}", composition, backend, layout)
+        _require(layer, adapter, f"{component}.{path}", composition, backends, layout)
         found.append((module_key(prefixes, component, path, models[component]), layer, adapter))
     return found
 
@@ -409,7 +420,7 @@ def loha_state_dict(
     `alpha = r` and the scale `s` goes into `w1_a`."""
     state, report = {}, []
     with torch.no_grad():
-        for key, layer, adapter in kohya_modules(models, adapter_name, "LoHa", "additive", "hadamard"):
+        for key, layer, adapter in kohya_modules(models, adapter_name, "LoHa", "additive", ("hadamard",)):
             backend = adapter.backend.plain()
             tensors = {
                 "hada_w1_a": adapter.scale * backend.hada_w1_a,
@@ -433,33 +444,24 @@ def loha_state_dict(
 def locon_state_dict(
     models: Mapping[str, nn.Module], adapter_name: str, dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], list[ModuleExport]]:
-    """LyCORIS LoCon keys of an additive tucker adapter (FLoRA), exact: a conv's Tucker update is LoCon
+    """LyCORIS LoCon keys of an additive tucker adapter (FLoRA), or of lowrank and tucker modules mixed
+    (`lora` with `conv_backend="tucker"`, LoCon-Tucker itself), exact: a conv's Tucker update is LoCon
     with its Tucker option, `lora_up` `(out, r, 1, 1)`, `lora_mid` `(r, r, kh, kw)`, `lora_down`
     `(r, in, 1, 1)`, which LyCORIS rebuilds as `mid ×_0 up ×_1 downᵀ · alpha / r`; a Linear's (and a
-    1x1 conv's, which LoCon gives no mid) is a LoRA. Our kernel factors are multiplied into the core
-    (LoCon keeps the kernel whole), and the two channel ranks are padded with zeros to one `r` (LoCon's
-    mid is square). `alpha = r`, `s` goes into `up`."""
+    1x1 conv's, which LoCon gives no mid) is a LoRA, and so is a lowrank module. Our kernel factors are
+    multiplied into the core (LoCon keeps the kernel whole), and the two channel ranks are padded with
+    zeros to one `r` (LoCon's mid is square). `alpha = r`, `s` goes into `up`."""
     state, report = {}, []
     with torch.no_grad():
-        for key, layer, adapter in kohya_modules(models, adapter_name, "LoCon", "additive", "tucker"):
-            backend = adapter.backend.plain()
+        for key, layer, adapter in kohya_modules(
+            models, adapter_name, "LoCon", "additive", ("tucker", "lowrank")
+        ):
             shape = tuple(layer.base_layer.weight.shape)
-            out_factor, in_factor, *kernel_factors = (f.detach().float() for f in backend.tucker_factor)
-            core = backend.tucker_core.detach().float()
-            if kernel_factors:
-                modes = list(range(2, core.ndim))
-                core = tensorly(tl.tenalg.multi_mode_dot, core, kernel_factors, modes)
-            r = max(core.shape[:2])
-            pad_out, pad_in = r - core.shape[0], r - core.shape[1]
-            mid = F.pad(core, [0, 0] * len(shape[2:]) + [0, pad_in, 0, pad_out])
-            up = F.pad(adapter.scale * out_factor, [0, pad_out])
-            down = F.pad(in_factor, [0, pad_in]).T
-            ones = [1] * len(shape[2:])
-            if any(size != 1 for size in shape[2:]):
-                tensors = {"lora_up": up.reshape(shape[0], r, *ones), "lora_mid": mid}
-            else:  # a Linear or a 1x1 conv (LoCon has no mid there): up @ core is the LoRA's up
-                tensors = {"lora_up": (up @ mid.reshape(r, r)).reshape(shape[0], r, *ones)}
-            tensors["lora_down"] = down.reshape(r, shape[1], *ones)
+            if adapter.backend.name == "lowrank":
+                tensors = _locon_pair(adapter, shape)
+            else:
+                tensors = _locon_tucker(adapter, shape)
+            r = tensors["lora_down"].shape[0]
             tensors = {name: t.to("cpu", dtype).contiguous() for name, t in tensors.items()}
             state.update({f"{key}.{name}.weight": t for name, t in tensors.items()})
             state[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
@@ -467,6 +469,39 @@ def locon_state_dict(
             expected = effective_delta(layer, adapter).reshape(stored.shape)
             report.append(exact_export(key, shape, r, expected, stored))
     return state, report
+
+
+def _locon_pair(adapter: Adapter, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A lowrank update as LoCon's LoRA pair: `up` `(out, r, 1, 1)`, `down` with the kernel's shape."""
+    backend = adapter.backend.plain()  # a PiSSA/ReLoRA update as one lowrank update
+    up, down = (adapter.scale * backend.lora_up).detach().float(), backend.lora_down.detach().float()
+    r = down.shape[0]
+    return {
+        "lora_up": up.reshape(shape[0], r, *[1] * len(shape[2:])),
+        "lora_down": down.reshape(r, *shape[1:]),
+    }
+
+
+def _locon_tucker(adapter: Adapter, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A Tucker update as LoCon's Tucker triple (a mid on kernels larger than 1), or a pair."""
+    backend = adapter.backend.plain()
+    out_factor, in_factor, *kernel_factors = (f.detach().float() for f in backend.tucker_factor)
+    core = backend.tucker_core.detach().float()
+    if kernel_factors:
+        modes = list(range(2, core.ndim))
+        core = tensorly(tl.tenalg.multi_mode_dot, core, kernel_factors, modes)
+    r = max(core.shape[:2])
+    pad_out, pad_in = r - core.shape[0], r - core.shape[1]
+    mid = F.pad(core, [0, 0] * len(shape[2:]) + [0, pad_in, 0, pad_out])
+    up = F.pad(adapter.scale * out_factor, [0, pad_out])
+    down = F.pad(in_factor, [0, pad_in]).T
+    ones = [1] * len(shape[2:])
+    if any(size != 1 for size in shape[2:]):
+        tensors = {"lora_up": up.reshape(shape[0], r, *ones), "lora_mid": mid}
+    else:  # a Linear or a 1x1 conv (LoCon has no mid there): up @ core is the LoRA's up
+        tensors = {"lora_up": (up @ mid.reshape(r, r)).reshape(shape[0], r, *ones)}
+    tensors["lora_down"] = down.reshape(r, shape[1], *ones)
+    return tensors
 
 
 def locon_delta(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -488,7 +523,7 @@ def dora_state_dict(
     with torch.no_grad():
         for component, path, layer in adapted_modules(models, adapter_name, "DoRA"):
             adapter = layer.adapters[adapter_name]
-            _require(layer, adapter, f"{component}.{path}", "dora", "lowrank", "DoRA")
+            _require(layer, adapter, f"{component}.{path}", "dora", ("lowrank",), "DoRA")
             shape = tuple(layer.base_layer.weight.shape)
             backend = adapter.backend.plain()  # a PiSSA/ReLoRA update as one lowrank update
             up = (adapter.scale * backend.lora_up).to("cpu", dtype).contiguous()

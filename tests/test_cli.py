@@ -89,13 +89,23 @@ def lycoris_load(unet, state):
     return network
 
 
-@pytest.mark.parametrize("method, layout", [("loha", "loha"), ("dora", "dora"), ("flora", "locon")])
-def test_exact_exports_load_in_the_tools_that_read_them(tmp_path, base_dir, capsys, method, layout):
+@pytest.mark.parametrize(
+    "method, layout, config",
+    [
+        ("loha", "loha", {}),
+        ("dora", "dora", {}),
+        ("flora", "locon", {}),
+        ("lora", "locon", {"conv_backend": "tucker", "conv_rank": [4, 4, 2, 2]}),  # LoCon-Tucker itself
+    ],
+)
+def test_exact_exports_load_in_the_tools_that_read_them(tmp_path, base_dir, capsys, method, layout, config):
     """LoHa and LoCon-with-Tucker keys through LyCORIS' loader; DoRA keys through diffusers'
     `load_lora_weights`."""
     components = ("unet",) if layout in ("loha", "locon") else ("unet", "text_encoder")
     maker = tiny.sd(tmp_path)
-    path = tiny.adapter_file(tmp_path / f"{method}.safetensors", maker, method, components=components)
+    path = tiny.adapter_file(
+        tmp_path / f"{method}.safetensors", maker, method, components=components, **config
+    )
     chosen = ["--format", "locon"] if layout == "locon" else []  # auto picks a LoRA diffusers reads
     assert main(["export", str(path), "--base", str(base_dir), "--dtype", "fp32", *chosen]) == 0
     assert f"{layout} export, exact" in capsys.readouterr().out
