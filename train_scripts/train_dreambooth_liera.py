@@ -15,7 +15,7 @@ family read from the pipeline; `plugin/families.py` holds what differs between t
 
 Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter` (a preset:
 lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, dora-flora) and
-`--backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
+`--backend`, `--conv_backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
 `--targets`; training procedures with `--init pissa` (PiSSA/HOSVD start), `--relora_steps` (ReLoRA
 restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves
 `adapter.safetensors` (format `liera/1`, or `liera/2` for the newer presets; see FORMAT.md),
@@ -133,7 +133,7 @@ RUN_IDENTITY = (
     "num_new_tokens_per_abstraction", "resolution", "center_crop",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "rank",
+    "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "conv_backend", "rank",
     "conv_rank", "scale", "alpha", "lie_map", "blocks", "init", "vectors", "targets", "mixed_precision",
     "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
