@@ -37,15 +37,17 @@ def update_measures(models: dict, adapter_name: str) -> dict[str, tuple[float, f
     import torch
 
     from plugin.export import effective_delta
-    from plugin.layer import AdaptedLayer
+    from plugin.inject import adapted_layers
 
     found = defaultdict(list)
     with torch.no_grad():
-        for component, module in ((c, m) for c, model in models.items() for m in model.modules()):
-            if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
-                weight = module.base_layer.weight.float()
+        for component, model in models.items():
+            for layer in adapted_layers(model).values():
+                if adapter_name not in layer.adapters:
+                    continue
+                weight = layer.base_layer.weight.float()
                 kind = "text encoder" if component == "text_encoder" else layer_kind(weight)
-                delta = effective_delta(module, module.adapters[adapter_name]).float()
+                delta = effective_delta(layer, layer.adapters[adapter_name]).float()
                 singular = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
                 rank = float(singular.sum() ** 2 / (singular**2).sum().clamp_min(1e-30))
                 found[kind].append((float(delta.norm() / weight.norm()), rank))

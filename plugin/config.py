@@ -135,8 +135,9 @@ class AdapterConfig:
         if self.composition not in COMPOSITIONS:
             raise ValueError(f"unknown composition {self.composition!r}; choose one of {COMPOSITIONS}")
         for name in ("backend", "conv_backend"):
-            if getattr(self, name) is not None and getattr(self, name) not in BACKENDS:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {BACKENDS}")
+            value = getattr(self, name)
+            if value is not None and value not in BACKENDS:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {BACKENDS}")
         if self.lie_map not in LIE_MAPS:
             raise ValueError(f"unknown lie_map {self.lie_map!r}; choose one of {LIE_MAPS}")
         for where, rank in [("rank", self.rank), ("conv_rank", self.conv_rank), *self.rank_pattern.items()]:

@@ -15,8 +15,8 @@ family read from the pipeline; `plugin/families.py` holds what differs between t
 
 Arguments keep diffusers' names and meanings; the adapter is chosen with `--adapter` (a preset:
 lora, flora, liera, hira, abba, loha, bhra, gralora, diablo, ssb, ssl, ia3, dora, dora-flora) and
-`--backend`, `--conv_backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`, `--vectors`,
-`--targets`; training procedures with `--init pissa` (PiSSA/HOSVD start), `--relora_steps` (ReLoRA
+`--backend`, `--conv_backend`, `--rank`, `--conv_rank`, `--scale`, `--lie_map`, `--blocks`, `--init`,
+`--vectors`, `--targets`; training procedures with `--init pissa` (PiSSA/HOSVD start), `--relora_steps` (ReLoRA
 restarts) and `--mpc` (matrix pattern constraints). In `--output_dir` the run leaves
 `adapter.safetensors` (format `liera/1`, or `liera/2` for the newer presets; see FORMAT.md),
 `checkpoint-<step>/` folders (resumable with `--resume_from_checkpoint latest`), `validation/*.png`
