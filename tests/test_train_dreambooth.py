@@ -152,6 +152,16 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     assert 0 < metrics["largest_relative_weight_change"] < 1
     assert metrics["largest_weight_change_module"].startswith("unet.")
     card = (output_dir / "README.md").read_text()
+    # Tucker convolutions (flora, liera) without --conv_rank: LoRA's parameter count at --rank (plugin.budget).
+    conv_rank = metrics["conv_rank"]
+    if method in ("liera", "flora"):
+        assert conv_rank[0] == conv_rank[1] > 4 and conv_rank[2:] == [2, 2]
+        with safe_open(str(adapter), framework="pt") as handle:
+            cores = [handle.get_slice(k).get_shape() for k in handle.keys() if k.endswith("tucker_core")]
+        assert {tuple(shape[2:]) for shape in cores if len(shape) == 4} == {(2, 2), (1, 1)}  # 3x3 and 1x1
+    else:
+        assert conv_rank == 4
+    assert f"conv rank {conv_rank}" in card
     for row in ["training images (fit)", "held-out images (generalisation)", "class images (prior drift)"]:
         assert f"| {row}" in card, row
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

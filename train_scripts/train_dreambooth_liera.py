@@ -589,7 +589,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=None,
-        help="Rank of conv adapters; several values are per-mode Tucker ranks: out in kh kw.",
+        help="Rank of conv adapters; several values are per-mode Tucker ranks: out in kh kw. Default: --rank, "
+        "and for Tucker convolutions (flora, liera) the ranks [c, c, 2, 2] that cost LoRA's parameters at --rank.",
     )
     adapter.add_argument(
         "--scale", type=float, default=None, help="The adapters' scale s (default: the preset's)."
@@ -1210,6 +1211,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import plugin  # noqa: E402
+from plugin.budget import with_lora_matched_conv_rank  # noqa: E402
 from plugin.families import FAMILIES, TOKENIZER_OF, NoiseOptions, family_of  # noqa: E402
 from plugin.pivotal import (  # noqa: E402
     IdentifierEmbeddings,
@@ -1612,7 +1614,6 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     if args.text_encoder_preservation:
         prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
     captions = " (each with its own caption)" if args.instance_captions else ""
-    conv_rank = args.conv_rank if args.conv_rank is not None else args.rank
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
     )
@@ -1680,7 +1681,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
 
 Trained with `train_scripts/train_dreambooth_liera.py` on {args.num_instance_images} images of
 "{args.instance_prompt}"{captions}{prior}: {metrics["steps"]} steps at {args.resolution}x{args.resolution},
-learning rate {args.learning_rate}{rates_apart}, adapter `{args.adapter}` (rank {args.rank}, conv rank {conv_rank},
+learning rate {args.learning_rate}{rates_apart}, adapter `{args.adapter}` (rank {args.rank}, conv rank {metrics["conv_rank"]},
 scale {args.scale}, targets `{args.targets}`), text encoders adapted: {args.train_text_encoder}.
 The file is `adapter.safetensors` in the `liera/1` or `liera/2` format (FORMAT.md).
 {pivot}
@@ -1828,7 +1829,9 @@ def main(args: argparse.Namespace) -> dict:
     # The adapters: zero-initialised (the model starts exactly at the base), float32, trainable.
     # Same seed on every process, so data-parallel ranks start identical.
     torch.manual_seed(args.seed)
-    adapter_config = adapter_config_from(args, base_model=display_name(base))
+    # Tucker convolutions without --conv_rank: LoRA's parameter count at --rank (plugin.budget), the size
+    # the defaults were chosen at; --rank read literally ([8, 8, 3, 3]) cost prompt following and the subject.
+    adapter_config = with_lora_matched_conv_rank(adapter_config_from(args, display_name(base)), denoiser)
     adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
     trained = {family.denoiser: denoiser}
     if args.train_text_encoder:
@@ -1839,7 +1842,8 @@ def main(args: argparse.Namespace) -> dict:
             trained[name] = text_encoders[name]
     logger.info(
         f"{args.adapter} adapters on {len(adapted)} layers of {', '.join(trained)}: "
-        f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters"
+        f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters "
+        f"(rank {args.rank}, conv rank {adapter_config.conv_rank or args.rank})"
     )
     # --train_text_encoder_ti: the identifier's new token embeddings, the one part of the text encoders
     # that trains (beside their adapters, if --train_text_encoder asks for them too).
@@ -2442,6 +2446,7 @@ def main(args: argparse.Namespace) -> dict:
         window = max(1, len(losses) // 10)  # the loss is noisy (random timesteps): average 10% of the steps
         metrics = {
             "adapter": args.adapter,
+            "conv_rank": adapter_config.conv_rank or args.rank,  # --conv_rank, or the one chosen for it
             "steps": global_step,
             "wall_time_s": round(time.time() - start_time, 1),
             "train_loop_time_s": round(train_seconds, 1),

@@ -1,0 +1,61 @@
+"""Tucker ranks for a model's convolutions at LoRA's parameter count: the training script's default size of
+the Tucker convolution updates (flora's and liera's), the size their defaults were measured at.
+
+`--rank 8` read literally gives a 3x3 convolution the Tucker ranks [8, 8, 3, 3], about a third of LoRA's
+parameters at rank 8; on the quality benchmark that cost prompt following and the subject on every subject
+(README, "Tucker convolutions at LoRA's parameter count"). Counting parameters is arithmetic on shapes, so
+it is written here rather than by building the adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from torch import nn
+
+from .config import AdapterConfig, matrix_rank, mode_ranks
+from .inject import find_targets
+
+SPATIAL_RANK = 2  # the kernel modes' Tucker rank (3, with lower channel ranks, screened no better)
+
+
+def lora_parameters(shape: tuple[int, ...], rank: int) -> int:
+    """LoRA's trainable numbers on a weight of `shape` at `rank`: `r · fan_in + out · r`."""
+    r = matrix_rank(rank, shape, "lowrank")
+    return r * (math.prod(shape[1:]) + shape[0])
+
+
+def tucker_parameters(shape: tuple[int, ...], ranks: list[int]) -> int:
+    """A Tucker update's trainable numbers on a weight of `shape`: the core and one factor per mode."""
+    clipped = mode_ranks(ranks, shape)
+    return math.prod(clipped) + sum(size * r for size, r in zip(shape, clipped))
+
+
+def lora_matched_tucker_rank(shapes: list[tuple[int, ...]], rank: int) -> list[int]:
+    """Tucker ranks `[c, c, 2, 2]` (channels, kernel) whose parameter count over convolution weights of
+    `shapes` is the closest to LoRA's at `rank` on the same weights (the smaller `c` on a tie)."""
+    if not shapes:
+        raise ValueError("lora_matched_tucker_rank needs at least one convolution weight shape")
+    modes = max(len(shape) for shape in shapes)
+    target = sum(lora_parameters(shape, rank) for shape in shapes)
+
+    def ranks(c: int) -> list[int]:
+        return [c, c] + [SPATIAL_RANK] * (modes - 2)
+
+    def distance(c: int) -> int:
+        return abs(sum(tucker_parameters(shape, ranks(c)) for shape in shapes) - target)
+
+    widest = max(max(shape[:2]) for shape in shapes)
+    return ranks(min(range(1, widest + 1), key=distance))
+
+
+def with_lora_matched_conv_rank(config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """`config` with `lora_matched_tucker_rank` as its `conv_rank` where it sets none, its convolutions'
+    backend is Tucker and `model` has convolutions among its targets; otherwise `config` unchanged."""
+    if config.conv_rank is not None or not isinstance(config.rank, int) or config.backend_for(4) != "tucker":
+        return config
+    shapes = [tuple(m.weight.shape) for m in find_targets(model, config).values() if m.weight.ndim > 2]
+    if not shapes:
+        return config
+    return dataclasses.replace(config, conv_rank=lora_matched_tucker_rank(shapes, config.rank))
