@@ -289,7 +289,8 @@ def test_keep_best_heldout_saves_the_adapter_of_the_lowest_heldout_loss(tiny, pi
     extra = ["--train_text_encoder_ti", "--text_encoder_lr", "0.3"] if pivotal else []
     output = run(train_args(tiny, output_dir, "liera", "--keep_best_heldout", "--validation_steps", "1",
                             "--checkpointing_steps", "1", "--max_train_steps", "3", "--learning_rate", "0.3",
-                            "--conv_learning_rate", "0.3", "--num_drift_images", "0", *extra))  # fmt: skip
+                            "--conv_learning_rate", "0.3", "--conv_rank", "4",  # ranks this rate stays finite at
+                            "--num_drift_images", "0", *extra))  # fmt: skip
     metrics = json.loads((output_dir / "metrics.json").read_text())
     curve = metrics["heldout_curve"]
     assert [step for step, _ in curve] == [0, 1, 2, 3]
