@@ -2,7 +2,7 @@
 the Tucker convolution updates (flora's and liera's), the size their defaults were measured at.
 
 `--rank 8` read literally gives a 3x3 convolution the Tucker ranks [8, 8, 3, 3], about a third of LoRA's
-parameters at rank 8; on the quality benchmark that cost prompt following and the subject on every subject
+parameters at rank 8; on the quality benchmark those learn less, and a shape the base never drew is lost
 (README, "Tucker convolutions at LoRA's parameter count"). Counting parameters is arithmetic on shapes, so
 it is written here rather than by building the adapters.
 """

@@ -1830,7 +1830,7 @@ def main(args: argparse.Namespace) -> dict:
     # Same seed on every process, so data-parallel ranks start identical.
     torch.manual_seed(args.seed)
     # Tucker convolutions without --conv_rank: LoRA's parameter count at --rank (plugin.budget), the size
-    # the defaults were chosen at; --rank read literally ([8, 8, 3, 3]) cost prompt following and the subject.
+    # the defaults were chosen at; --rank read literally ([8, 8, 3, 3]) learns less and loses a new shape.
     adapter_config = with_lora_matched_conv_rank(adapter_config_from(args, display_name(base)), denoiser)
     adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
     trained = {family.denoiser: denoiser}
