@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import plugin
 from tests.conftest import DREAMBOOTH_SCRIPT
@@ -592,6 +592,29 @@ def test_a_damaged_checkpoint_is_named(tiny):
     assert process.returncode != 0
     assert f"--resume_from_checkpoint: {output_dir / 'checkpoint-2'} is damaged" in output, output[-3000:]
     assert not (output_dir / "adapter.safetensors").exists()
+
+
+def test_a_checkpoint_of_other_conv_ranks_names_the_option_to_resume_it(tiny):
+    """A run begun when a Tucker convolution's default ranks were --rank's (here rewritten into a copy of
+    a checkpoint's adapter) is refused before loading, with the --conv_rank that resumes it."""
+    reference = reference_run(tiny, "liera")
+    output_dir = tiny["root"] / "old-conv-ranks"
+    shutil.copytree(reference / "checkpoint-2", output_dir / "checkpoint-2")
+    (output_dir / "run.json").write_text((reference / "run.json").read_text())
+    adapter = output_dir / "checkpoint-2" / "adapter.safetensors"
+    with safe_open(str(adapter), framework="pt") as handle:
+        metadata = handle.metadata()
+    config = json.loads(metadata["config"])
+    assert config["conv_rank"][2:] == [2, 2]  # the matched default
+    save_file(load_file(adapter), adapter, {**metadata, "config": json.dumps({**config, "conv_rank": None})})
+    process = launch(
+        [*train_args(tiny, output_dir, "liera", *VALIDATION), "--resume_from_checkpoint", "latest"]
+    )
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert "was trained with conv rank 4" in output and "add --conv_rank 4 to resume it" in output, output[
+        -3000:
+    ]
 
 
 @pytest.mark.parametrize("fraction", [0.35, 0.8])

@@ -1606,6 +1606,26 @@ def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: a
     return largest
 
 
+def refuse_other_conv_ranks(checkpoint: Path, config) -> None:
+    """Stop, naming the option, when `checkpoint`'s adapter has other conv ranks than `config`: a run begun
+    before the Tucker convolutions' default became LoRA's parameter count (plugin.budget) recorded none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(checkpoint / ADAPTER_FILENAME), framework="pt") as handle:
+            trained = json.loads(handle.metadata()["config"])
+    except Exception:  # unreadable or no config: load_state below names the damage
+        return
+    rank = trained.get("conv_rank") or trained.get("rank")
+    if trained.get("method") == config.method and rank != (config.conv_rank or config.rank):
+        raise SystemExit(
+            f"--resume_from_checkpoint: {checkpoint} was trained with conv rank {rank}, this run builds "
+            f"{config.conv_rank or config.rank} (the default for Tucker convolutions is LoRA's parameter count "
+            f"since 2026-12-07): add --conv_rank {' '.join(map(str, rank if isinstance(rank, list) else [rank]))} "
+            "to resume it"
+        )
+
+
 def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     """A short README.md in --output_dir: what was trained on what, how to load it, how it did."""
     base = display_name(args.pretrained_model_name_or_path)
@@ -2124,6 +2144,7 @@ def main(args: argparse.Namespace) -> dict:
             accelerator.print("No checkpoint in --output_dir yet. Starting a new training run.")
         else:
             accelerator.print(f"Resuming from checkpoint {path}")
+            refuse_other_conv_ranks(path, adapter_config)
             global_step = int(path.name.split("-")[1])
             try:
                 accelerator.load_state(str(path))
