@@ -268,8 +268,8 @@ RECIPES["flora-conv8-8-3-3"] = _on_default("flora", "--conv_rank 8 8 3 3")
 RECIPES["flora-conv16-16-2-2"] = _on_default("flora", "--conv_rank 16 16 2 2")
 # The script's sizes before plugin.budget (--rank read literally on Tucker convolutions) for liera too.
 RECIPES["liera-conv8-8-3-3"] = _on_default("liera", "--conv_rank 8 8 3 3")
-# The cross's prompt following (its adapters draw other prompts' two-colour objects plain and orange, the
-# subject's look): the convolutions' updates act on every prompt alike, cross-attention's keys and values only
+# The cross's prompt following (its adapters draw other prompts' two-colour objects plain, the subject's
+# look): the convolutions' updates act on every prompt alike, cross-attention's keys and values only
 # through the words. Each method's default with keys and values alone.
 RECIPES.update(
     {

@@ -1616,11 +1616,12 @@ def refuse_other_conv_ranks(checkpoint: Path, config) -> None:
             trained = json.loads(handle.metadata()["config"])
     except Exception:  # unreadable or no config: load_state below names the damage
         return
-    rank = trained.get("conv_rank") or trained.get("rank")
-    if trained.get("method") == config.method and rank != (config.conv_rank or config.rank):
+    # The method needs no check: it is part of the run's identity, compared before.
+    rank, ours = trained.get("conv_rank") or trained.get("rank"), config.conv_rank or config.rank
+    if rank != ours:
         raise SystemExit(
             f"--resume_from_checkpoint: {checkpoint} was trained with conv rank {rank}, this run builds "
-            f"{config.conv_rank or config.rank} (the default for Tucker convolutions is LoRA's parameter count "
+            f"{ours} (the default for Tucker convolutions is LoRA's parameter count "
             f"since 2026-12-07): add --conv_rank {' '.join(map(str, rank if isinstance(rank, list) else [rank]))} "
             "to resume it"
         )
@@ -1852,6 +1853,7 @@ def main(args: argparse.Namespace) -> dict:
     # Tucker convolutions without --conv_rank: LoRA's parameter count at --rank (plugin.budget), the size
     # the defaults were chosen at; --rank read literally ([8, 8, 3, 3]) learns less and loses a new shape.
     adapter_config = with_lora_matched_conv_rank(adapter_config_from(args, display_name(base)), denoiser)
+    conv_rank = adapter_config.conv_rank or adapter_config.rank  # --conv_rank, or the one chosen for it
     adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
     trained = {family.denoiser: denoiser}
     if args.train_text_encoder:
@@ -1863,7 +1865,7 @@ def main(args: argparse.Namespace) -> dict:
     logger.info(
         f"{args.adapter} adapters on {len(adapted)} layers of {', '.join(trained)}: "
         f"{sum(plugin.trainable_parameters(m) for m in trained.values()):,} trainable parameters "
-        f"(rank {args.rank}, conv rank {adapter_config.conv_rank or args.rank})"
+        f"(rank {args.rank}, conv rank {conv_rank})"
     )
     # --train_text_encoder_ti: the identifier's new token embeddings, the one part of the text encoders
     # that trains (beside their adapters, if --train_text_encoder asks for them too).
@@ -2467,7 +2469,7 @@ def main(args: argparse.Namespace) -> dict:
         window = max(1, len(losses) // 10)  # the loss is noisy (random timesteps): average 10% of the steps
         metrics = {
             "adapter": args.adapter,
-            "conv_rank": adapter_config.conv_rank or args.rank,  # --conv_rank, or the one chosen for it
+            "conv_rank": conv_rank,
             "steps": global_step,
             "wall_time_s": round(time.time() - start_time, 1),
             "train_loop_time_s": round(train_seconds, 1),
