@@ -179,6 +179,13 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     mtime = adapter.stat().st_mtime
     quality.main([*argv, "--no-plot"])
     assert adapter.stat().st_mtime == mtime
+    # --reuse: a report without the run folders takes the runs as published; results judged with other
+    # settings are refused, naming the setting.
+    again = [*argv, "--work-dir", str(tmp_path / "empty"), "--reuse", "quality", "--no-train", "--no-plot"]
+    assert quality.main([*again, "--name", "again"])["runs"] == payload["runs"]
+    assert "2 of the 2 runs as published in quality.json" in (out / "again.md").read_text()
+    with pytest.raises(SystemExit, match="num_prompts 2 .here 3."):
+        quality.main([*again, "--num-prompts", "3"])
 
     # bleed.py reads the same runs: one row for the base and one per trained adapter, with the
     # subject's own attributes counted among the failures.
