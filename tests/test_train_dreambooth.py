@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -576,6 +577,20 @@ def test_an_output_dir_holding_another_run_is_refused_and_checkpoints_must_match
     script.parse_args([*same, "--overwrite_output_dir"])  # starting over, asked for: fine
     before = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in reference.iterdir()) == before  # parsing changed nothing
+
+
+def test_a_diverged_run_stops_naming_the_step_and_saves_nothing(tiny):
+    # The losses are read every few steps (StepLosses), so the step named is the first non-finite one.
+    output_dir = tiny["root"] / "diverged"
+    process = launch(train_args(tiny, output_dir, "lora", "--learning_rate", "1e12", "--max_train_steps", "6"))
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    diverged = re.search(r"The loss is (\S+) at step (\d+): training diverged", output)
+    assert diverged, output[-4000:]
+    assert not math.isfinite(float(diverged[1])) and 1 <= int(diverged[2]) <= 6
+    assert not (output_dir / "adapter.safetensors").exists()
+    checkpoints = [int(p.name.split("-")[1]) for p in output_dir.glob("checkpoint-*")]
+    assert all(step < int(diverged[2]) for step in checkpoints)
 
 
 def test_a_damaged_checkpoint_is_named(tiny):

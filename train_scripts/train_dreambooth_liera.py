@@ -138,6 +138,7 @@ RUN_IDENTITY = (
     "relora_steps", "relora_warmup_steps", "mpc", "mpc_weight",
 )  # fmt: skip
 PIVOTAL_KEY = "pivotal."  # the identifier's rows among --keep_best_heldout's kept tensors
+LOSS_READ_STEPS = 10  # steps whose losses stay on the device before one read (StepLosses)
 WARM_UP_STEPS = 10  # steps (at most half the run) before metrics.json's steady_steps_per_s counts
 RELORA_KEY = 5  # the first key of a restart's seed (plugin.training's keys are 1-4)
 DRIFT_FIRST_SAMPLE = 2 * 10**9  # drift images' seeds start here, far from the class images' (10**9)
@@ -1458,6 +1459,43 @@ def log_validation(
     return images
 
 
+class StepLosses:
+    """Each step's training loss, kept on the device until read: every LOSS_READ_STEPS steps and before
+    whatever needs the curve (a checkpoint, a held-out evaluation, the end). Reading a loss waits for the
+    accelerator; a wait every step leaves a GPU idle while the host queues the next step's kernels."""
+
+    def __init__(self, accelerator: Accelerator, losses: list[float], learning_rate: float, progress_bar):
+        self.accelerator, self.losses, self.learning_rate = accelerator, losses, learning_rate
+        self.progress_bar = progress_bar
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, step: int, loss: torch.Tensor, shown: dict[str, float | torch.Tensor]) -> None:
+        """`loss`: the step's mean over processes and accumulated batches; `shown`: the progress bar's."""
+        self.steps.append(step)
+        self.values.append(loss)
+        self.shown = shown
+        if len(self.steps) >= LOSS_READ_STEPS:
+            self.read()
+
+    def read(self) -> None:
+        """One wait for every pending loss; a non-finite one stops the run, naming its step."""
+        if not self.steps:
+            return
+        values = torch.stack(self.values).tolist()
+        for step, value in zip(self.steps, values):
+            if not math.isfinite(value):
+                raise SystemExit(
+                    f"The loss is {value} at step {step}: training diverged. "
+                    f"Lower --learning_rate (it is {self.learning_rate:g}) or --scale."
+                )
+            self.losses.append(value)
+            self.accelerator.log({"train_loss": value}, step=step)
+        self.steps, self.values = [], []
+        shown = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in self.shown.items()}
+        self.progress_bar.set_postfix(loss=values[-1], **shown)
+
+
 class HeldoutTrack:
     """The held-out loss during training: its curve ([step, loss], step 0 = the base, None for a
     non-finite loss) and, with --keep_best_heldout, a copy of the adapter at its lowest point.
@@ -2210,7 +2248,8 @@ def main(args: argparse.Namespace) -> dict:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    step_losses = []  # of the batches accumulated into the current step
+    step_losses = []  # of the batches accumulated into the current step, on the device
+    read_losses = StepLosses(accelerator, losses, args.learning_rate, progress_bar)
     loop_start, first_step = time.time(), global_step
     # The step and time after the first WARM_UP_STEPS: the steady speed leaves compilation
     # (--dynamo_backend) and first-call caches out.
@@ -2264,13 +2303,8 @@ def main(args: argparse.Namespace) -> dict:
                 if args.mpc:
                     loss = loss + args.mpc_weight * mpc_penalty(trained.values(), ADAPTER_NAME, args.mpc)
 
-                # The mean over all processes and accumulated batches, for the loss curve.
-                step_losses.append(accelerator.gather(loss.detach()[None]).mean().item())
-                if not math.isfinite(step_losses[-1]):
-                    raise SystemExit(
-                        f"The loss is {step_losses[-1]} at step {global_step + 1}: training diverged. "
-                        f"Lower --learning_rate (it is {args.learning_rate:g}) or --scale."
-                    )
+                # The mean over all processes, for the loss curve (read later, StepLosses).
+                step_losses.append(accelerator.gather(loss.detach()[None]).mean())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
@@ -2297,9 +2331,13 @@ def main(args: argparse.Namespace) -> dict:
                     for model in trained.values():
                         for param in restart(model, ADAPTER_NAME, seed):
                             optimizer.state.pop(param, None)
-                losses.append(sum(step_losses) / len(step_losses))
-                accelerator.log({"train_loss": losses[-1]}, step=global_step)
+                shown = {"lr": lr_scheduler.get_last_lr()[0]}
+                if preserved_ids is not None:  # how far the text encoder moved on the preserved prompts
+                    shown["te_drift"] = preservation_loss.detach()
+                read_losses.add(global_step, torch.stack(step_losses).mean(), shown)
                 step_losses = []
+                if global_step % args.checkpointing_steps == 0 or global_step % args.validation_steps == 0:
+                    read_losses.read()  # the checkpoint keeps the curve; a diverged run keeps none
                 if accelerator.is_main_process:
                     # Before the checkpoint, which keeps the held-out curve.
                     if heldout_images and (
@@ -2316,10 +2354,6 @@ def main(args: argparse.Namespace) -> dict:
                         name = f"step-{global_step:06d}"
                         log_validation(training_pipeline(), args, accelerator, name, global_step)
 
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if preserved_ids is not None:  # how far the text encoder moved on the preserved prompts
-                logs["te_drift"] = preservation_loss.detach().item()
-            progress_bar.set_postfix(**logs)
             if global_step >= args.max_train_steps:
                 break
         epoch_validation = args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
@@ -2330,6 +2364,7 @@ def main(args: argparse.Namespace) -> dict:
             and accelerator.is_main_process
         ):
             log_validation(training_pipeline(), args, accelerator, f"epoch-{epoch + 1:04d}", global_step)
+    read_losses.read()
     progress_bar.close()
     train_seconds = time.time() - loop_start
     steady_rate = None
