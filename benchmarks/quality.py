@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         folder = run_folder(args, job)
         scores, run_samples = judged(judge, folder, index, folder / "adapter.safetensors")
-        if seed == args.seeds[0]:
+        if not any(shown[:4] == job[:4] for shown in samples):  # the first seed judged here (--reuse)
             samples[job] = run_samples
         runs.append(
             {
@@ -1007,7 +1007,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"`{name}`: `{' '.join(a) or 'the script defaults'}`" for name, a in args.recipe_args.items()
     )
     published = ", ".join(f"{name}.json" for name in args.reuse)
-    reuse_note = f" {taken} of the {len(runs)} runs as published in {published} (`--reuse`; not in the grid)."
+    reuse_note = f" {taken} of the {len(runs)} runs as published in {published} (`--reuse`)."
     reuse_note = reuse_note if taken else ""
     body = "\n\n".join(
         [
@@ -1048,7 +1048,8 @@ def main(argv: list[str] | None = None) -> dict:
             grid_rows.append((f"{subject_info(index)['name']}: base", bases[index][1]))
             for job, job_samples in samples.items():
                 if job[3] == index:
-                    grid_rows.append((f"  {job[1]} {job[0]}", job_samples))
+                    seed = "" if job[4] == args.seeds[0] else f" seed {job[4]}"
+                    grid_rows.append((f"  {job[1]} {job[0]}{seed}", job_samples))
         sample_grid(grid_rows, output / f"{args.name}_samples.png")
     print(body)
     return payload
