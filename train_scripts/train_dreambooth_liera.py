@@ -1469,6 +1469,7 @@ class StepLosses:
         self.progress_bar = progress_bar
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
+        self.shown: dict[str, float | torch.Tensor] = {}
 
     def add(self, step: int, loss: torch.Tensor, shown: dict[str, float | torch.Tensor]) -> None:
         """`loss`: the step's mean over processes and accumulated batches; `shown`: the progress bar's."""
