@@ -478,11 +478,16 @@ def run_folder(args: argparse.Namespace, job: tuple) -> Path:
     return Path(args.work_dir, recipe, f"{method}-{budget}", subject_info(index)["slug"], f"seed{seed}")
 
 
+def finished(folder: Path) -> bool:
+    """A run folder holding a finished run (the script writes metrics.json after the adapter)."""
+    return (folder / "adapter.safetensors").is_file() and (folder / "metrics.json").is_file()
+
+
 def train(args: argparse.Namespace, script, judge: Judge, job: tuple) -> dict:
     """One DreamBooth run (or the one already in its folder): the script's metrics.json."""
     recipe, method, budget, index, seed = job
     output = run_folder(args, job)
-    if (output / "adapter.safetensors").is_file() and (output / "metrics.json").is_file():
+    if finished(output):
         return json.loads((output / "metrics.json").read_text())
     if (output / "diverged.txt").is_file():
         return {"diverged": (output / "diverged.txt").read_text()}
@@ -960,7 +965,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs, diverged, samples, taken = [], [], {}, 0
     for job in tqdm(jobs, desc="train and judge"):
         recipe, method, budget, index, seed = job
-        if job in reused and not (run_folder(args, job) / "adapter.safetensors").is_file():
+        if job in reused and not finished(run_folder(args, job)):
             runs.append(reused[job])
             taken += 1
             continue
