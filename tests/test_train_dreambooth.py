@@ -582,7 +582,9 @@ def test_an_output_dir_holding_another_run_is_refused_and_checkpoints_must_match
 def test_a_diverged_run_stops_naming_the_step_and_saves_nothing(tiny):
     # The losses are read every few steps (StepLosses), so the step named is the first non-finite one.
     output_dir = tiny["root"] / "diverged"
-    process = launch(train_args(tiny, output_dir, "lora", "--learning_rate", "1e12", "--max_train_steps", "6"))
+    process = launch(
+        train_args(tiny, output_dir, "lora", "--learning_rate", "1e12", "--max_train_steps", "6")
+    )
     output, _ = process.communicate(timeout=180)
     assert process.returncode != 0
     diverged = re.search(r"The loss is (\S+) at step (\d+): training diverged", output)
