@@ -107,7 +107,8 @@ DEFAULT_TOKEN_LEARNING_RATE = 5e-3
 PIVOTAL_TARGETS = "cross-kv+conv"
 # (--learning_rate, --conv_learning_rate) of an --adapter with pivotal tuning's defaults, where they are
 # not its DEFAULT_LEARNING_RATES (and divisor): cross-attention's keys and values at half the method's
-# rate, the convolutions at 5e-4 for all three, 4 subjects x 3 seeds each (liera: K/V halved,
+# rate (liera's since at a fifth, below), the convolutions at 5e-4 for all three, 4 subjects x 3 seeds
+# each (liera: K/V halved,
 # benchmarks/results/quality_pivotal_rate.md, held-out fit x0.844 -> x0.832, drift +9.1 -> +7.7%, prompt
 # following 0.73 -> 0.87; flora: K/V and convs halved, quality_pivotal_flora_rate.md, x0.919 -> x0.871,
 # +14.0 -> +12.0%, 0.83 either way; lora: K/V halved, quality_pivotal_lora_rate.md, x0.911 -> x0.902,
