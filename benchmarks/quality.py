@@ -204,19 +204,19 @@ RECIPES: dict[str, str] = {
     "flora-kv1.5e-3-conv2.5e-4": f"{PIVOTAL} --learning_rate 1.5e-3 --conv_learning_rate 2.5e-4",
     "lora-kv5e-4-conv2.5e-4": f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 2.5e-4",
 }
-# The pivotal defaults (their recipes above spell them out), of which the variants below change one setting.
-# liera's variants keep the default they were measured against, K/V at 2.5e-3; its default is liera-kv1e-3
-# since (below).
-_PIVOTAL_DEFAULTS = {
+# The recipes the variants below change one setting of: the pivotal defaults when the variants were measured
+# (their recipes above spell them out). liera's default is liera-kv1e-3 since (below); its variants keep
+# K/V at 2.5e-3, the arguments their published results ran.
+_VARIANT_BASES = {
     "lora": "lora-kv5e-4-conv5e-4",
     "flora": "flora-kv1.5e-3-conv5e-4",
     "liera": "liera-kv2.5e-3",
 }
 
 
-def _on_default(method: str, extra: str) -> str:
-    """The method's pivotal-defaults recipe with `extra` arguments: a variant that names only its change."""
-    return f"{RECIPES[_PIVOTAL_DEFAULTS[method]]} {extra}"
+def _on_base(method: str, extra: str) -> str:
+    """The method's _VARIANT_BASES recipe with `extra` arguments: a variant that names only its change."""
+    return f"{RECIPES[_VARIANT_BASES[method]]} {extra}"
 
 
 # At other lengths than 800 steps: with pivotal tuning every method's held-out loss (the script's
@@ -224,7 +224,7 @@ def _on_default(method: str, extra: str) -> str:
 # which loses its shape with fewer steps, keeps gaining.
 RECIPES.update(
     {
-        f"{method}-{steps}steps": _on_default(method, f"--max_train_steps {steps}")
+        f"{method}-{steps}steps": _on_base(method, f"--max_train_steps {steps}")
         for method, steps in [
             ("lora", 500),
             ("flora", 500),
@@ -239,7 +239,7 @@ RECIPES.update(
 # steps. Min-SNR weighting (the toy base's own pretraining loss) moves the loss's weight to the noisy
 # timesteps where a sample's shape is decided; a cosine schedule from twice the rates moves the learning
 # early, at the same total rate (a cosine's mean is half its peak).
-RECIPES["liera-snr5"] = _on_default("liera", "--snr_gamma 5")
+RECIPES["liera-snr5"] = _on_base("liera", "--snr_gamma 5")
 RECIPES["liera-cosine-peak2x"] = (
     f"{PIVOTAL} --learning_rate 5e-3 --conv_learning_rate 1e-3 --lr_scheduler cosine"
 )
@@ -248,40 +248,37 @@ RECIPES["liera-cosine-peak2x"] = (
 # lora's and flora's prior weight (3, DEFAULT_PRIOR_LOSS_WEIGHTS) was chosen before pivotal tuning; at
 # liera's 1 the class images pull less.
 RECIPES.update(
-    {f"{method}-noprior": _on_default(method, "--no-with_prior_preservation") for method in _PIVOTAL_DEFAULTS}
+    {f"{method}-noprior": _on_base(method, "--no-with_prior_preservation") for method in _VARIANT_BASES}
 )
-RECIPES["liera-prior0.3"] = _on_default("liera", "--prior_loss_weight 0.3")
+RECIPES["liera-prior0.3"] = _on_base("liera", "--prior_loss_weight 0.3")
 RECIPES.update(
-    {f"{method}-prior1": _on_default(method, "--prior_loss_weight 1") for method in ("lora", "flora")}
+    {f"{method}-prior1": _on_base(method, "--prior_loss_weight 1") for method in ("lora", "flora")}
 )
 # flora behind lora at matched settings (issue 11's item 4): from FLoRA's zero core only the core trains at
 # first, inside random subspaces; from a zero output factor (LoRA's start in Tucker form) that factor trains
 # from the first step. At flora's rates, at lora's, and on liera's Tucker convolutions.
-RECIPES["flora-zeroout"] = _on_default("flora", "--init zero-out")
+RECIPES["flora-zeroout"] = _on_base("flora", "--init zero-out")
 RECIPES["flora-zeroout-kv5e-4"] = f"{PIVOTAL} --learning_rate 5e-4 --conv_learning_rate 5e-4 --init zero-out"
-RECIPES["liera-zeroout"] = _on_default("liera", "--init zero-out")
+RECIPES["liera-zeroout"] = _on_base("liera", "--init zero-out")
 # Which part of flora costs it held-out fit: each method with the other's convolutions (lora's cross-attention
 # keys and values with flora's Tucker convs, LyCORIS' LoCon-Tucker; flora's with lora's flattened rank-8 ones).
-RECIPES["lora-tuckerconv"] = _on_default("lora", "--conv_backend tucker --conv_rank 26 26 2 2")
-RECIPES["flora-lowrankconv"] = _on_default("flora", "--conv_backend lowrank --conv_rank 8")
+RECIPES["lora-tuckerconv"] = _on_base("lora", "--conv_backend tucker --conv_rank 26 26 2 2")
+RECIPES["flora-lowrankconv"] = _on_base("flora", "--conv_backend lowrank --conv_rank 8")
 # flora's Tucker convolutions at lower channel ranks (its conv updates at the default ranks are twice lora's
 # in norm and of three times the effective rank): fewer parameters, as FLoRA's paper proposes.
-RECIPES["flora-conv8-8-3-3"] = _on_default("flora", "--conv_rank 8 8 3 3")
-RECIPES["flora-conv16-16-2-2"] = _on_default("flora", "--conv_rank 16 16 2 2")
+RECIPES["flora-conv8-8-3-3"] = _on_base("flora", "--conv_rank 8 8 3 3")
+RECIPES["flora-conv16-16-2-2"] = _on_base("flora", "--conv_rank 16 16 2 2")
 # The script's sizes before plugin.budget (--rank read literally on Tucker convolutions) for liera too.
-RECIPES["liera-conv8-8-3-3"] = _on_default("liera", "--conv_rank 8 8 3 3")
+RECIPES["liera-conv8-8-3-3"] = _on_base("liera", "--conv_rank 8 8 3 3")
 # The cross's prompt following (its adapters draw other prompts' two-colour objects plain, the subject's
 # look): the convolutions' updates act on every prompt alike, cross-attention's keys and values only
 # through the words. Each method's default with keys and values alone.
 RECIPES.update(
-    {
-        f"{method}-kvonly": _on_default(method, "--targets attn2.to_k,attn2.to_v")
-        for method in _PIVOTAL_DEFAULTS
-    }
+    {f"{method}-kvonly": _on_base(method, "--targets attn2.to_k,attn2.to_v") for method in _VARIANT_BASES}
 )
 # ... and with the convolutions alone: the identifier's new embeddings reach the UNet through the base's
 # keys and values, which no other prompt then finds changed.
-RECIPES.update({f"{method}-convonly": _on_default(method, "--targets conv") for method in _PIVOTAL_DEFAULTS})
+RECIPES.update({f"{method}-convonly": _on_base(method, "--targets conv") for method in _VARIANT_BASES})
 # Between the two for liera: its keys and values at 1e-3 (2.5e-3 draws the crosses' shape and costs their
 # prompt following; convs-only, a rate of 0, the reverse). liera's default since (quality_liera_kv_rate.md).
 RECIPES["liera-kv1e-3"] = f"{PIVOTAL} --learning_rate 1e-3 --conv_learning_rate 5e-4"

@@ -108,14 +108,14 @@ PIVOTAL_TARGETS = "cross-kv+conv"
 # (--learning_rate, --conv_learning_rate) of an --adapter with pivotal tuning's defaults, where they are
 # not its DEFAULT_LEARNING_RATES (and divisor): cross-attention's keys and values at half the method's
 # rate (liera's since at a fifth, below), the convolutions at 5e-4 for all three, 4 subjects x 3 seeds
-# each (liera: K/V halved,
-# benchmarks/results/quality_pivotal_rate.md, held-out fit x0.844 -> x0.832, drift +9.1 -> +7.7%, prompt
-# following 0.73 -> 0.87; flora: K/V and convs halved, quality_pivotal_flora_rate.md, x0.919 -> x0.871,
-# +14.0 -> +12.0%, 0.83 either way; lora: K/V halved, quality_pivotal_lora_rate.md, x0.911 -> x0.902,
-# +13.9 -> +13.4%, 0.81 -> 0.89, then convs halved, quality_pivotal_lora_conv_rate.md, x0.902 -> x0.850,
-# +13.4 -> +10.8%, 0.89 -> 0.85). liera's K/V since at a fifth of its rate, 1e-3, 8 subjects x 3 seeds
-# (quality_liera_kv_rate.md: x0.877 -> x0.871, +6.5 -> +4.4%, prompt following 0.93 -> 1.04 and at least
-# 0.94 on every subject; the bare instance prompt 0.71 -> 0.62, the crosses' shape kept less).
+# each (liera: K/V halved, benchmarks/results/quality_pivotal_rate.md, held-out fit x0.844 -> x0.832,
+# drift +9.1 -> +7.7%, prompt following 0.73 -> 0.87; flora: K/V and convs halved,
+# quality_pivotal_flora_rate.md, x0.919 -> x0.871, +14.0 -> +12.0%, 0.83 either way; lora: K/V halved,
+# quality_pivotal_lora_rate.md, x0.911 -> x0.902, +13.9 -> +13.4%, 0.81 -> 0.89, then convs halved,
+# quality_pivotal_lora_conv_rate.md, x0.902 -> x0.850, +13.4 -> +10.8%, 0.89 -> 0.85). liera's K/V since
+# at a fifth of its rate, 1e-3, 8 subjects x 3 seeds (quality_liera_kv_rate.md: x0.877 -> x0.871, +6.5 ->
+# +4.4%, prompt following 0.93 -> 1.04 and at least 0.94 on every subject; the bare instance prompt 0.71
+# -> 0.62, the crosses' shape kept less).
 PIVOTAL_LEARNING_RATES = {"lora": (5e-4, 5e-4), "flora": (1.5e-3, 5e-4), "liera": (1e-3, 5e-4)}
 BACKENDS = ("lowrank", "tucker", "cp", "hadamard", "blockdiag", "blocklowrank", "rowcol")  # as plugin.config
 TRACKERS = ("tensorboard", "wandb", "comet_ml")  # --report_to values (each the package it needs)
