@@ -61,14 +61,21 @@ def to_model_input(
 
 
 def crop_to_model_input(
-    image: Image.Image, resolution: int, center_crop: bool, rng: np.random.Generator | None = None
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    rng: np.random.Generator | None = None,
+    flip: bool = False,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """`to_model_input`, and the crop's top-left corner (top, left) in the resized image: SDXL
-    conditions on it (its `crops_coords_top_left`)."""
+    conditions on it (its `crops_coords_top_left`). `flip` mirrors the image left to right before
+    the crop, as diffusers' SDXL scripts do (so the corner is the flipped image's)."""
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     spare_x, spare_y = size[0] - resolution, size[1] - resolution
     if center_crop or rng is None:
         left, top = spare_x // 2, spare_y // 2
@@ -96,6 +103,9 @@ class DreamBoothDataset(Dataset):
     and `class_prompts` (one per class image) replaces `class_prompt` likewise.
     `tokenize` (a prompt to one row of ids) replaces `tokenizer` for models with several tokenizers.
     Each example also says its image's original (height, width) and crop (top, left): SDXL's time ids.
+    `random_flip` mirrors each image left to right with probability 1/2 (drawn like the crops): more
+    views of a subject that looks the same mirrored; one that does not (text, a two-tone object) would
+    be taught both ways round.
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class DreamBoothDataset(Dataset):
         instance_prompts: Sequence[str] | None = None,
         tokenize: Callable[[str], torch.Tensor] | None = None,
         class_prompts: Sequence[str] | None = None,
+        random_flip: bool = False,
     ):
         if tokenize is None:
 
@@ -129,6 +140,7 @@ class DreamBoothDataset(Dataset):
             else (None, None)
         )
         self.resolution, self.center_crop, self.seed, self.epoch = resolution, center_crop, seed, 0
+        self.random_flip = random_flip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -136,11 +148,16 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
+    def _crop(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+        # The flip is drawn first and always, so the crops' draws don't depend on --random_flip.
+        flip = bool(rng.integers(2)) and self.random_flip
+        return crop_to_model_input(image, self.resolution, self.center_crop, rng, flip)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([CROP_KEY, self.seed, self.epoch, index])
         i = index % len(self.instance_images)
         image = self.instance_images[i]
-        pixels, crop = crop_to_model_input(image, self.resolution, self.center_crop, rng)
+        pixels, crop = self._crop(image, rng)
         example = {
             "instance_images": pixels,
             "instance_prompt_ids": self.instance_prompt_ids[self.prompt_rows[i]],
@@ -149,7 +166,7 @@ class DreamBoothDataset(Dataset):
         }
         if self.class_images:
             image = self.class_images[index % len(self.class_images)]
-            pixels, crop = crop_to_model_input(image, self.resolution, self.center_crop, rng)
+            pixels, crop = self._crop(image, rng)
             example["class_images"] = pixels
             example["class_prompt_ids"] = self.class_prompt_ids[
                 self.class_prompt_rows[index % len(self.class_images)]

@@ -530,6 +530,19 @@ def test_images_held_out_of_the_instance_folder_are_a_seeded_choice(script, tiny
     assert len(others) > 1  # the seed chooses
 
 
+def test_a_run_older_than_an_option_resumes_unless_the_option_is_set(script, tiny, tmp_path):
+    """run.json written before --random_flip existed: the same run without the flag, another with it."""
+    base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
+    identity = script.run_identity(script.parse_args(base))
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({key: value for key, value in identity.items() if key != "random_flip"}))
+    assert script.identity_differences(record, identity) == []
+    flipped = script.run_identity(script.parse_args([*base, "--random_flip"]))
+    assert script.identity_differences(record, flipped) == ["random_flip"]
+    record.write_text(json.dumps(identity))
+    assert script.identity_differences(record, flipped) == ["random_flip"]
+
+
 def test_a_bad_argument_stops_the_launched_script_before_any_model_loads(tiny, tmp_path):
     output_dir = tmp_path / "never"
     process = launch(train_args(tiny, output_dir, "liera", "--rank", "0"))

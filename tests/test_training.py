@@ -9,6 +9,7 @@ from PIL import Image
 import plugin
 from plugin import AdapterConfig
 from plugin.training import (
+    DreamBoothDataset,
     EpochSampler,
     collate_fn,
     copy_adapter_tensors,
@@ -84,3 +85,25 @@ def test_copying_a_checkpoint_into_live_adapters_keeps_the_parameters():
         copy_adapter_tensors(
             {k: v for k, v in tensors.items() if "conv1" not in k}, {"unet": fresh}, "default"
         )
+
+
+def test_random_flip_mirrors_some_images_and_draws_the_same_crops(tmp_path):
+    """Square images (no room to crop): each example is the image or its mirror, both occur, the
+    draws repeat, and without --random_flip nothing is mirrored."""
+    path = tmp_path / "subject.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+
+    def dataset(random_flip: bool) -> DreamBoothDataset:
+        return DreamBoothDataset([path] * 16, "a sks", None, 32, seed=3, random_flip=random_flip,
+                                 tokenize=lambda prompt: torch.tensor([[len(prompt)]]))  # fmt: skip
+
+    plain, flipped = dataset(False), dataset(True)
+    mirrored = []
+    for index in range(16):
+        image, candidate = plain[index]["instance_images"], flipped[index]["instance_images"]
+        assert torch.equal(candidate, image) or torch.equal(candidate, image.flip(-1))
+        mirrored.append(not torch.equal(candidate, image))
+        assert torch.equal(dataset(True)[index]["instance_images"], candidate)
+    assert 0 < sum(mirrored) < 16
+    unflipped = to_model_input(Image.open(path), 32, center_crop=True)
+    assert all(torch.equal(plain[index]["instance_images"], unflipped) for index in range(16))

@@ -133,7 +133,7 @@ RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
     "instance_captions", "train_images", "class_prompt", "class_captions", "with_prior_preservation",
     "prior_loss_weight", "num_class_images", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",
-    "num_new_tokens_per_abstraction", "resolution", "center_crop",
+    "num_new_tokens_per_abstraction", "resolution", "center_crop", "random_flip",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "conv_backend", "rank",
@@ -283,6 +283,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument(
         "--center_crop", action="store_true", help="Crop the centre instead of a random square."
+    )
+    model.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Mirror each training image left to right half of the time (diffusers' and kohya's flip "
+        "augmentation): for subjects that look the same mirrored, not for text or one-sided markings.",
     )
     model.add_argument(
         "--tokenizer_max_length", type=int, default=None, help="Tokenizer length (default: the tokenizer's)."
@@ -832,12 +838,15 @@ def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def identity_differences(recorded_in: Path, identity: dict) -> list[str] | None:
-    """The settings in which the run recorded in `recorded_in` differs from `identity` (None: unreadable)."""
+    """The settings in which the run recorded in `recorded_in` differs from `identity` (None: unreadable).
+    A setting the record lacks (an option newer than the run) differs only when it is set now."""
     try:
         recorded = json.loads(recorded_in.read_text())
     except (OSError, ValueError):
         return None
-    return [key for key in identity if recorded.get(key) != identity[key]]
+    return [
+        key for key in identity if (key in recorded or identity[key]) and recorded.get(key) != identity[key]
+    ]
 
 
 def resume_checkpoint(args: argparse.Namespace) -> Path | None:
@@ -2039,6 +2048,7 @@ def main(args: argparse.Namespace) -> dict:
         tokenize=tokenize,
         resolution=args.resolution,
         center_crop=args.center_crop,
+        random_flip=args.random_flip,
         class_images=list_images(args.class_data_dir)[: args.num_class_images]
         if args.with_prior_preservation
         else None,
