@@ -1686,6 +1686,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     if args.text_encoder_preservation:
         prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
     captions = " (each with its own caption)" if args.instance_captions else ""
+    captions += " (mirrored half the time, --random_flip)" if args.random_flip else ""
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
     )
