@@ -149,8 +149,8 @@ class DreamBoothDataset(Dataset):
         return max(len(self.instance_images), len(self.class_images))
 
     def _crop(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-        # The flip is drawn first and always, so the crops' draws don't depend on --random_flip.
-        flip = bool(rng.integers(2)) and self.random_flip
+        # Drawn only with random_flip: without it the crops are those of a dataset that never flips.
+        flip = self.random_flip and bool(rng.integers(2))
         return crop_to_model_input(image, self.resolution, self.center_crop, rng, flip)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -97,13 +97,13 @@ def test_random_flip_mirrors_some_images_and_draws_the_same_crops(tmp_path):
         return DreamBoothDataset([path] * 16, "a sks", None, 32, seed=3, random_flip=random_flip,
                                  tokenize=lambda prompt: torch.tensor([[len(prompt)]]))  # fmt: skip
 
-    plain, flipped = dataset(False), dataset(True)
+    plain, flipped, again = dataset(False), dataset(True), dataset(True)
     mirrored = []
     for index in range(16):
         image, candidate = plain[index]["instance_images"], flipped[index]["instance_images"]
         assert torch.equal(candidate, image) or torch.equal(candidate, image.flip(-1))
         mirrored.append(not torch.equal(candidate, image))
-        assert torch.equal(dataset(True)[index]["instance_images"], candidate)
+        assert torch.equal(again[index]["instance_images"], candidate)
     assert 0 < sum(mirrored) < 16
     unflipped = to_model_input(Image.open(path), 32, center_crop=True)
     assert all(torch.equal(plain[index]["instance_images"], unflipped) for index in range(16))
