@@ -22,8 +22,10 @@ the default recipe is the script's defaults. Each adapter is judged on fixed num
   non-subject prompts, divided by the base model's;
 - subject rate: share of samples the analyser recognises as the subject (shape, pattern and colours),
   for the instance prompt, on the training backgrounds and on unseen backgrounds; shape kept: share of
-  all those samples with the subject's shape; background kept: share of the unseen-background samples
-  whose background is the one asked for.
+  all those samples with the subject's shape; colour order kept: of the samples recognised as a
+  two-colour subject, the share with its colours in order (the first left, on top or outside: a
+  mirror swaps them in halves, vertical stripes and checks); background kept: share of the
+  unseen-background samples whose background is the one asked for.
 
 Ranks are matched per budget (the tables give the parameter counts). Runs and judgements are kept in
 `--work-dir` and reused, so an interrupted benchmark resumes. Results: `benchmarks/results/<name>.{md,json}`,
@@ -339,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="No plot and no sample grid.")
     parser.add_argument(
         "--no-train", action="store_true", help="Report only the runs already trained (a partial benchmark)."
+    )
+    parser.add_argument(
+        "--rejudge", action="store_true", help="Judge finished runs again (after the judge has changed)."
     )
     parser.add_argument("--quick", action="store_true", help="3 subjects, 1 seed, 100 steps, fewer samples.")
     parser.add_argument(
@@ -699,9 +704,20 @@ class Judge:
                     for kind, vs in verdicts.items()
                 },
                 "shape_kept": fmean(v["shape_ok"] for v in every),
+                "order_kept": colour_order_kept(every, info),
                 "background_kept": fmean(backgrounds_kept),
             }
         return metrics, {kind: images[:2] for kind, images in samples.items()}
+
+
+def colour_order_kept(verdicts: list[dict], info: dict) -> float | None:
+    """Of the samples recognised as a two-colour subject, the share with its colours in order (the
+    first left, on top, outside): what mirrored training views cost a one-sided subject. None for a
+    one-colour subject or when no sample is the subject."""
+    recognised = [v for v in verdicts if v["is_subject"]]
+    if len(info["colours"]) < 2 or not recognised:
+        return None
+    return fmean(v["order_ok"] for v in recognised)
 
 
 JUDGE_SETTINGS = (
@@ -712,7 +728,8 @@ JUDGE_SETTINGS = (
 
 def judged(judge: Judge, folder: Path, index: int, adapter: Path | None) -> tuple[dict, dict]:
     """`judge.score(index, adapter)`, kept in `folder` (judge.json, judge_samples.npz) and reused while
-    the adapter file and the judging settings are unchanged: a re-run after an interruption resumes."""
+    the adapter file and the judging settings are unchanged (and `--rejudge` is off): a re-run after an
+    interruption resumes."""
     import numpy as np
 
     stat = adapter.stat() if adapter is not None else None
@@ -722,7 +739,7 @@ def judged(judge: Judge, folder: Path, index: int, adapter: Path | None) -> tupl
         "adapter": None if stat is None else [stat.st_size, stat.st_mtime_ns],
     }
     scores_file, samples_file = folder / "judge.json", folder / "judge_samples.npz"
-    if scores_file.is_file() and samples_file.is_file():
+    if scores_file.is_file() and samples_file.is_file() and not judge.args.rejudge:
         saved = json.loads(scores_file.read_text())
         if saved["key"] == json.loads(json.dumps(key)):
             with np.load(samples_file) as arrays:
@@ -810,10 +827,12 @@ REPORTED = (
     ("rate_training", "training bgs ↑", "{:.2f}"),
     ("rate_unseen", "unseen bgs ↑", "{:.2f}"),
     ("shape_kept", "shape kept ↑", "{:.2f}"),
+    ("order_kept", "colour order kept ↑", "{:.2f}"),
     ("background_kept", "background kept ↑", "{:.2f}"),
     ("weight_change", "largest ‖W'−W‖/‖W‖ (max) ↓", "{:.3g}"),
 )
 LARGEST = {"weight_change"}  # reported as the largest over the runs, not their mean
+OPTIONAL = {"order_kept"}  # None where it means nothing (one colour) or runs judged before it existed
 
 
 def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -829,9 +848,13 @@ def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
             if key in LARGEST:
                 row[key], row[f"{key}_std"] = max(r[key] for r in group), 0.0
                 continue
-            row[key] = sum(r[key] for r in group) / len(group)
+            measured = [r for r in group if r.get(key) is not None]
+            if not measured:
+                row[key] = row[f"{key}_std"] = None
+                continue
+            row[key] = sum(r[key] for r in measured) / len(measured)
             by_seed: dict[int, list[float]] = {}
-            for r in group:
+            for r in measured:
                 by_seed.setdefault(r["seed"], []).append(r[key])
             row[f"{key}_std"] = spread([sum(v) / len(v) for v in by_seed.values()])
         rows.append(row)
@@ -846,6 +869,9 @@ def table(rows: list[dict], keys: tuple[str, ...]) -> str:
             str(row["runs"])
         ]
         for key, _, fmt in REPORTED:
+            if row[key] is None:
+                cells.append("—")
+                continue
             mean, std = fmt.format(row[key]), fmt.format(row[f"{key}_std"]).lstrip("+")
             plain = key == "params" or key in LARGEST or row["seeds"] < 2
             cells.append(mean if plain else f"{mean} ± {std}")
@@ -1041,7 +1067,8 @@ def main(argv: list[str] | None = None) -> dict:
             "objects of the subject's class captioned with the class prompt. Prompt following: the analyser's "
             f"accuracy on {args.num_prompts} non-subject prompts ÷ the base's. Subject rates: share of "
             f"{args.subject_samples} samples per kind of prompt that the analyser recognises as the subject "
-            f"({args.inference_steps} steps, guidance {args.guidance_scale}).",
+            f"({args.inference_steps} steps, guidance {args.guidance_scale}); colour order kept: of those, the "
+            "share with a two-colour subject's colours in order (— for one colour or runs judged before it).",
             table(rows, ("recipe", "method", "budget")),
             "Per subject:\n\n" + table(per_subject, ("recipe", "method", "budget", "subject")),
             "The base model on each subject (the denominators):\n\n"

@@ -7,10 +7,12 @@ README's Benchmarks section for their commands.
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import bleed, profile_step, quality, speed, subject_misses, update_norms, yardstick
-from plugin.toy.data import make_prompts
+from plugin.toy.analyser import analyse_subject
+from plugin.toy.data import make_prompts, make_subject_images
 from tests.conftest import TINY_UNET
 from tests.dreambooth_fixtures import build_tiny_pipeline
 
@@ -154,6 +156,7 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
             "shape_kept",
         ):
             assert run[key] == run[key]  # a number, not NaN
+        assert run["order_kept"] is None  # a one-colour subject has no colour order
     subject = tmp_path / "runs" / "subjects" / "orange-cross"
     prompts = json.loads((subject / "prompts.json").read_text())
     assert len(list(subject.glob("*.png"))) == len(list((subject / "heldout").glob("*.png"))) == quality.VIEWS
@@ -186,6 +189,12 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     assert "2 of the 2 runs as published in quality.json" in (out / "again.md").read_text()
     with pytest.raises(SystemExit, match="num_prompts 2 .here 3."):
         quality.main([*again, "--num-prompts", "3"])
+    # --rejudge judges the finished runs again (same numbers: the judge is seeded) without training.
+    scores = tmp_path / "runs" / "plain" / "liera-small" / "orange-cross" / "seed0" / "judge.json"
+    judged_at = scores.stat().st_mtime_ns
+    rejudged = quality.main([*argv, "--no-plot", "--no-train", "--rejudge", "--name", "rejudged"])
+    assert scores.stat().st_mtime_ns > judged_at and adapter.stat().st_mtime == mtime
+    assert rejudged["runs"] == payload["runs"]
 
     # bleed.py reads the same runs: one row for the base and one per trained adapter, with the
     # subject's own attributes counted among the failures.
@@ -216,6 +225,17 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
     for row in rows:
         assert row["conv 3x3: ‖ΔW‖/‖W‖"] > 0 and row["conv 3x3: effective rank"] > 8
     assert rows[0]["linear: effective rank"] > 2 and rows[0]["text encoder: ‖ΔW‖/‖W‖"] > 0
+
+
+def test_colour_order_kept_counts_mirrored_samples_of_a_one_sided_subject():
+    info = quality.subject_info(5)  # the two-tone diamond, orange on the left
+    assert info["pattern"] == "halves"
+    views = [image for image, _ in make_subject_images(2, subject_=info)]
+    views += [np.ascontiguousarray(image[:, ::-1]) for image in views]
+    verdicts = [analyse_subject(image, info) for image in views]
+    assert all(v["is_subject"] for v in verdicts)
+    assert quality.colour_order_kept(verdicts, info) == 0.5
+    assert quality.colour_order_kept(verdicts[:2], quality.subject_info(6)) is None  # one colour
 
 
 def test_quality_benchmark_refuses_unknown_recipes_and_subjects():

@@ -406,7 +406,9 @@ def analyse_subject(image, subject: dict = SUBJECT) -> dict:
     :func:`plugin.toy.data.subject` or a subject's ``prompts.json``)?
 
     Returns ``{"found", "shape", "pattern", "colours", "shape_ok", "pattern_ok", "colours_ok",
-    "is_subject"}`` for the largest object; ``is_subject`` needs all three right.
+    "order_ok", "is_subject"}`` for the largest object; ``is_subject`` needs shape, pattern and the
+    set of colours right. ``order_ok`` also needs them in the subject's order (the first colour left,
+    on top, outside or the dots' body): what a mirror changes in halves, vertical stripes and checks.
     """
     got = analyse(image).main
     if got is None:
@@ -418,6 +420,7 @@ def analyse_subject(image, subject: dict = SUBJECT) -> dict:
             "shape_ok": False,
             "pattern_ok": False,
             "colours_ok": False,
+            "order_ok": False,
             "is_subject": False,
         }
     ok = {
@@ -431,5 +434,6 @@ def analyse_subject(image, subject: dict = SUBJECT) -> dict:
         "pattern": got.pattern,
         "colours": got.colours,
         **ok,
+        "order_ok": ok["colours_ok"] and got.colours == tuple(subject["colours"]),
         "is_subject": all(ok.values()),
     }
