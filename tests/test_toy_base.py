@@ -162,7 +162,6 @@ def test_subjects_are_recognised_and_never_in_the_data():
         assert not any(analyse_subject(make_example(i).image, subj)["is_subject"] for i in range(100))
 
 
-
 def test_subject_colour_order_is_read_and_a_mirror_changes_it_only_where_it_should():
     # the first colour is left in halves and vertical stripes and on the top-left cell of checks: a
     # mirror swaps those; horizontal stripes, dots and rings look the same mirrored
@@ -176,6 +175,7 @@ def test_subject_colour_order_is_read_and_a_mirror_changes_it_only_where_it_shou
             mirrored = analyse_subject(np.ascontiguousarray(image[:, ::-1]), subj)
             assert mirrored["is_subject"], subj["name"]
             assert mirrored["order_ok"] == (subj["pattern"] not in swapped_by_mirror), subj["name"]
+
 
 def test_shipped_subject_matches_its_generator():
     from PIL import Image
