@@ -262,7 +262,7 @@ def test_captions_give_each_instance_and_class_image_its_own_prompt(tiny):
 
 def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     """--num_heldout_images 1 of 3 instance images, plus the 2 of heldout/; no class prompt: no drift.
-    With --random_flip, which the model card names."""
+    With --instance_captions and --random_flip, which the model card names together."""
     subject = tiny["root"] / "no-class-prompt"
     shutil.copytree(tiny["subject"], subject)
     prompts = json.loads((subject / "prompts.json").read_text())
@@ -271,7 +271,7 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     output_dir = tiny["root"] / "heldout-instances"
     output = run(train_args(tiny, output_dir, "liera", "--instance_data_dir", str(subject),
                             "--num_heldout_images", "1", "--no-with_prior_preservation",
-                            "--random_flip"))  # fmt: skip
+                            "--instance_captions", "--random_flip"))  # fmt: skip
     assert "Num examples = 2" in output and "Num held-out images = 3" in output
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert (metrics["num_train_images"], metrics["num_heldout_images"]) == (2, 3)
@@ -282,7 +282,8 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
         metrics["class_loss_before"] is metrics["class_loss_after"] is metrics["prior_drift_percent"] is None
     )
     card = (output_dir / "README.md").read_text()
-    assert "n/a: no class prompt" in card and "mirrored half the time, --random_flip" in card
+    assert "n/a: no class prompt" in card
+    assert "(each with its own caption; mirrored half the time, --random_flip)" in card
 
 
 @pytest.mark.parametrize("pivotal", [False, True])

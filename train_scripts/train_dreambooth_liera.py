@@ -1685,8 +1685,9 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
     prior += " (class images with their own captions)" if args.class_captions else ""
     if args.text_encoder_preservation:
         prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
-    captions = " (each with its own caption)" if args.instance_captions else ""
-    captions += " (mirrored half the time, --random_flip)" if args.random_flip else ""
+    notes = ["each with its own caption"] if args.instance_captions else []
+    notes += ["mirrored half the time, --random_flip"] if args.random_flip else []
+    captions = f" ({'; '.join(notes)})" if notes else ""
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
     )
