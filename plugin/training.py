@@ -66,12 +66,16 @@ def crop_to_model_input(
     center_crop: bool,
     rng: np.random.Generator | None = None,
     flip: bool = False,
+    zoom: float = 1.0,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """`to_model_input`, and the crop's top-left corner (top, left) in the resized image: SDXL
     conditions on it (its `crops_coords_top_left`). `flip` mirrors the image left to right before
-    the crop, as diffusers' SDXL scripts do (so the corner is the flipped image's)."""
+    the crop, as diffusers' SDXL scripts do (so the corner is the flipped image's). `zoom` >= 1
+    resizes the short side to `zoom * resolution` first, so the crop shows a part of the image."""
+    if zoom < 1:
+        raise ValueError(f"zoom must be at least 1, got {zoom}")
     width, height = image.size
-    scale = resolution / min(width, height)
+    scale = zoom * resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)
     if flip:
@@ -105,7 +109,8 @@ class DreamBoothDataset(Dataset):
     Each example also says its image's original (height, width) and crop (top, left): SDXL's time ids.
     `random_flip` mirrors each image left to right with probability 1/2 (drawn like the crops): more
     views of a subject that looks the same mirrored; one that does not (text, a two-tone object) would
-    be taught both ways round.
+    be taught both ways round. `random_zoom` (>= 1) enlarges each image by a factor drawn uniformly
+    from [1, random_zoom] before the crop: other sizes and places of the subject, either way round.
     """
 
     def __init__(
@@ -123,7 +128,10 @@ class DreamBoothDataset(Dataset):
         tokenize: Callable[[str], torch.Tensor] | None = None,
         class_prompts: Sequence[str] | None = None,
         random_flip: bool = False,
+        random_zoom: float = 1.0,
     ):
+        if random_zoom < 1:
+            raise ValueError(f"random_zoom must be at least 1 (no zoom), got {random_zoom}")
         if tokenize is None:
 
             def tokenize(prompt: str) -> torch.Tensor:
@@ -140,7 +148,7 @@ class DreamBoothDataset(Dataset):
             else (None, None)
         )
         self.resolution, self.center_crop, self.seed, self.epoch = resolution, center_crop, seed, 0
-        self.random_flip = random_flip
+        self.random_flip, self.random_zoom = random_flip, random_zoom
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -149,9 +157,10 @@ class DreamBoothDataset(Dataset):
         return max(len(self.instance_images), len(self.class_images))
 
     def _crop(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-        # Drawn only with random_flip: without it the crops are those of a dataset that never flips.
+        # Each drawn only when asked for: without them the crops are those of a dataset that can't.
         flip = self.random_flip and bool(rng.integers(2))
-        return crop_to_model_input(image, self.resolution, self.center_crop, rng, flip)
+        zoom = float(rng.uniform(1.0, self.random_zoom)) if self.random_zoom > 1 else 1.0
+        return crop_to_model_input(image, self.resolution, self.center_crop, rng, flip, zoom)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([CROP_KEY, self.seed, self.epoch, index])

@@ -262,7 +262,7 @@ def test_captions_give_each_instance_and_class_image_its_own_prompt(tiny):
 
 def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     """--num_heldout_images 1 of 3 instance images, plus the 2 of heldout/; no class prompt: no drift.
-    With --instance_captions and --random_flip, which the model card names together."""
+    With --instance_captions, --random_flip and --random_zoom, which the model card names together."""
     subject = tiny["root"] / "no-class-prompt"
     shutil.copytree(tiny["subject"], subject)
     prompts = json.loads((subject / "prompts.json").read_text())
@@ -271,7 +271,7 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     output_dir = tiny["root"] / "heldout-instances"
     output = run(train_args(tiny, output_dir, "liera", "--instance_data_dir", str(subject),
                             "--num_heldout_images", "1", "--no-with_prior_preservation",
-                            "--instance_captions", "--random_flip"))  # fmt: skip
+                            "--instance_captions", "--random_flip", "--random_zoom", "1.2"))  # fmt: skip
     assert "Num examples = 2" in output and "Num held-out images = 3" in output
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert (metrics["num_train_images"], metrics["num_heldout_images"]) == (2, 3)
@@ -283,7 +283,10 @@ def test_held_out_instance_images_are_measured_not_trained_on(tiny):
     )
     card = (output_dir / "README.md").read_text()
     assert "n/a: no class prompt" in card
-    assert "(each with its own caption; mirrored half the time, --random_flip)" in card
+    assert (
+        "(each with its own caption; mirrored half the time, --random_flip; enlarged up to 1.2x, --random_zoom)"
+        in card
+    )
 
 
 @pytest.mark.parametrize("pivotal", [False, True])
@@ -409,6 +412,8 @@ def test_bad_arguments_are_refused_with_a_message_naming_them(tiny, script, caps
     shutil.copytree(tiny["subject"], no_heldout, ignore=shutil.ignore_patterns("heldout"))
     message = refusal(script, capsys, [*base, "--instance_data_dir", str(no_heldout), "--keep_best_heldout"])
     assert "--keep_best_heldout needs held-out images" in message
+    message = refusal(script, capsys, [*base, *data, "--random_zoom", "0.8"])
+    assert "--random_zoom must be at least 1 (1: no zoom), got 0.8" in message
     classless = tmp_path / "classless"
     shutil.copytree(tiny["subject"], classless)
     prompts = json.loads((classless / "prompts.json").read_text())

@@ -107,3 +107,32 @@ def test_random_flip_mirrors_some_images_and_draws_the_same_crops(tmp_path):
     assert 0 < sum(mirrored) < 16
     unflipped = to_model_input(Image.open(path), 32, center_crop=True)
     assert all(torch.equal(plain[index]["instance_images"], unflipped) for index in range(16))
+
+
+def test_random_zoom_shows_parts_of_the_image_the_right_way_round(tmp_path):
+    """A red-left, blue-right square: zoomed crops differ from item to item, repeat with the seed,
+    keep red on the left and blue on the right, each at most 1.5 times its half of the crop."""
+    path = tmp_path / "two-tone.png"
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:, :16, 0], pixels[:, 16:, 2] = 255, 255
+    Image.fromarray(pixels).save(path)
+
+    def dataset(**zoom) -> DreamBoothDataset:
+        return DreamBoothDataset([path] * 16, "a sks", None, 32, seed=3, **zoom,
+                                 tokenize=lambda prompt: torch.tensor([[len(prompt)]]))  # fmt: skip
+
+    zoomed, again = dataset(random_zoom=1.5), dataset(random_zoom=1.5)
+    crops = []
+    for index in range(16):
+        example = zoomed[index]
+        image = example["instance_images"]
+        assert torch.equal(again[index]["instance_images"], image)
+        assert image[0, :, 0].min() > 0.9 and image[2, :, -1].min() > 0.9  # red left, blue right
+        red_columns = int((image[0, 0] > 0).sum())  # the red half's width in the crop
+        assert 32 - 16 * 1.5 - 1 <= red_columns <= 16 * 1.5 + 1
+        crops.append((tuple(example["instance_crop_top_left"]), red_columns))
+    assert len(set(crops)) > 4
+    assert all(torch.equal(dataset()[i]["instance_images"], dataset(random_zoom=1.0)[i]["instance_images"])
+               for i in range(4))  # fmt: skip
+    with pytest.raises(ValueError, match="random_zoom must be at least 1"):
+        dataset(random_zoom=0.5)

@@ -133,7 +133,7 @@ RUN_IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt",
     "instance_captions", "train_images", "class_prompt", "class_captions", "with_prior_preservation",
     "prior_loss_weight", "num_class_images", "train_text_encoder", "train_text_encoder_ti", "token_abstraction",
-    "num_new_tokens_per_abstraction", "resolution", "center_crop", "random_flip",
+    "num_new_tokens_per_abstraction", "resolution", "center_crop", "random_flip", "random_zoom",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "conv_learning_rate", "text_encoder_lr", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
     "adam_epsilon", "max_grad_norm", "text_encoder_preservation", "noise_offset", "snr_gamma", "seed", "adapter", "backend", "conv_backend", "rank",
@@ -289,6 +289,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Mirror each training image left to right half of the time (diffusers' and kohya's flip "
         "augmentation): for subjects that look the same mirrored, not for text or one-sided markings.",
+    )
+    model.add_argument(
+        "--random_zoom",
+        type=float,
+        default=None,
+        metavar="MAX",
+        help="Enlarge each training image by a random factor in [1, MAX] before the random crop: the "
+        "subject at other sizes and places, kept the right way round (1.25 shows 64%% to 100%% of it).",
     )
     model.add_argument(
         "--tokenizer_max_length", type=int, default=None, help="Tokenizer length (default: the tokenizer's)."
@@ -793,6 +801,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--class_data_dir: {args.class_data_dir} is not a directory")
         _check_images(parser, "--class_data_dir", _list_images(Path(args.class_data_dir)))
     args.num_instance_images = len(args.train_images)
+    if args.random_zoom is not None and not args.random_zoom >= 1:
+        parser.error(f"--random_zoom must be at least 1 (1: no zoom), got {args.random_zoom}")
     if args.keep_best_heldout and not args.heldout_images:
         parser.error(
             "--keep_best_heldout needs held-out images: --heldout_data_dir, --num_heldout_images, or a "
@@ -1687,6 +1697,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
         prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
     notes = ["each with its own caption"] if args.instance_captions else []
     notes += ["mirrored half the time, --random_flip"] if args.random_flip else []
+    notes += [f"enlarged up to {args.random_zoom:g}x, --random_zoom"] if args.random_zoom else []
     captions = f" ({'; '.join(notes)})" if notes else ""
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
@@ -2051,6 +2062,7 @@ def main(args: argparse.Namespace) -> dict:
         resolution=args.resolution,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
+        random_zoom=args.random_zoom or 1.0,
         class_images=list_images(args.class_data_dir)[: args.num_class_images]
         if args.with_prior_preservation
         else None,
