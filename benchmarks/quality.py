@@ -836,12 +836,12 @@ REPORTED = (
     ("weight_change", "largest ‖W'−W‖/‖W‖ (max) ↓", "{:.3g}"),
 )
 LARGEST = {"weight_change"}  # reported as the largest over the runs, not their mean
-OPTIONAL = {"order_kept"}  # None where it means nothing (one colour) or runs judged before it existed
 
 
 def summarise(runs: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """Means over the runs of each group of `keys`; spreads: standard deviation over seeds of the
-    per-seed means (0 with one seed)."""
+    per-seed means (0 with one seed). A measure a run lacks (None: colour order for one colour, or a
+    run judged before the measure existed) is averaged over the runs that have it."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(run[k] for k in keys), []).append(run)

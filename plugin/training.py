@@ -110,7 +110,7 @@ class DreamBoothDataset(Dataset):
     `random_flip` mirrors each image left to right with probability 1/2 (drawn like the crops): more
     views of a subject that looks the same mirrored; one that does not (text, a two-tone object) would
     be taught both ways round. `random_zoom` (>= 1) enlarges each image by a factor drawn uniformly
-    from [1, random_zoom] before the crop: other sizes and places of the subject, either way round.
+    from [1, random_zoom] before the crop: other sizes and places of the subject, never mirrored.
     """
 
     def __init__(
