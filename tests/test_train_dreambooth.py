@@ -153,7 +153,7 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     assert 0 < metrics["largest_relative_weight_change"] < 1
     assert metrics["largest_weight_change_module"].startswith("unet.")
     card = (output_dir / "README.md").read_text()
-    # Tucker convolutions (flora, liera) without --conv_rank: LoRA's parameter count at --rank (plugin.budget).
+    # Tucker convolutions (flora, liera) without --conv_rank: [c, c, 2, 2] with c above --rank (plugin.budget).
     conv_rank = metrics["conv_rank"]
     if method in ("liera", "flora"):
         assert conv_rank[0] == conv_rank[1] > 4 and conv_rank[2:] == [2, 2]

@@ -608,7 +608,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="Rank of conv adapters; several values are per-mode Tucker ranks: out in kh kw. Default: --rank, "
-        "and for Tucker convolutions (flora, liera) the ranks [c, c, 2, 2] that cost LoRA's parameters at --rank.",
+        "and for Tucker convolutions [c, c, 2, 2]: liera's at LoRA's parameter count at --rank, flora's at "
+        "c = 2x --rank.",
     )
     adapter.add_argument(
         "--scale", type=float, default=None, help="The adapters' scale s (default: the preset's)."
@@ -1234,7 +1235,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import plugin  # noqa: E402
-from plugin.budget import with_lora_matched_conv_rank  # noqa: E402
+from plugin.budget import with_default_conv_rank  # noqa: E402
 from plugin.families import FAMILIES, TOKENIZER_OF, NoiseOptions, family_of  # noqa: E402
 from plugin.pivotal import (  # noqa: E402
     IdentifierEmbeddings,
@@ -1669,7 +1670,7 @@ def saved_file_difference(trained: dict[str, torch.nn.Module], pipeline, args: a
 
 def refuse_other_conv_ranks(checkpoint: Path, config) -> None:
     """Stop, naming the option, when `checkpoint`'s adapter has other conv ranks than `config`: a run begun
-    before the Tucker convolutions' default became LoRA's parameter count (plugin.budget) recorded none."""
+    before the Tucker convolutions' defaults (plugin.budget) recorded none or other ones."""
     from safetensors import safe_open
 
     try:
@@ -1682,8 +1683,8 @@ def refuse_other_conv_ranks(checkpoint: Path, config) -> None:
     if rank != ours:
         raise SystemExit(
             f"--resume_from_checkpoint: {checkpoint} was trained with conv rank {rank}, this run builds "
-            f"{ours} (the default for Tucker convolutions is LoRA's parameter count "
-            f"since 2026-12-07): add --conv_rank {' '.join(map(str, rank if isinstance(rank, list) else [rank]))} "
+            f"{ours} (the defaults for Tucker convolutions changed on 2026-12-07: LoRA's parameter count, "
+            f"and for flora channel ranks 2x --rank): add --conv_rank {' '.join(map(str, rank if isinstance(rank, list) else [rank]))} "
             "to resume it"
         )
 
@@ -1914,9 +1915,10 @@ def main(args: argparse.Namespace) -> dict:
     # The adapters: zero-initialised (the model starts exactly at the base), float32, trainable.
     # Same seed on every process, so data-parallel ranks start identical.
     torch.manual_seed(args.seed)
-    # Tucker convolutions without --conv_rank: LoRA's parameter count at --rank (plugin.budget), the size
-    # the defaults were chosen at; --rank read literally ([8, 8, 3, 3]) learns less and loses a new shape.
-    adapter_config = with_lora_matched_conv_rank(adapter_config_from(args, display_name(base)), denoiser)
+    # Tucker convolutions without --conv_rank: the sizes the defaults were chosen at (plugin.budget): liera's
+    # at LoRA's parameter count at --rank, flora's at channel ranks 2x --rank; --rank read literally
+    # ([8, 8, 3, 3]) learns less and loses a new shape.
+    adapter_config = with_default_conv_rank(adapter_config_from(args, display_name(base)), denoiser)
     conv_rank = adapter_config.conv_rank or adapter_config.rank  # --conv_rank, or the one chosen for it
     adapted = plugin.add_adapter(denoiser, adapter_config, ADAPTER_NAME)
     trained = {family.denoiser: denoiser}
