@@ -37,6 +37,12 @@ def tucker_parameters(shape: tuple[int, ...], ranks: list[int]) -> int:
     return math.prod(clipped) + sum(size * r for size, r in zip(shape, clipped))
 
 
+def channel_ranks(channels: int, modes: int) -> list[int]:
+    """Tucker ranks `[c, c, 2, 2]` for a weight of `modes` modes: `channels` on out and in, the kernel's at
+    `SPATIAL_RANK`."""
+    return [channels, channels] + [SPATIAL_RANK] * (modes - 2)
+
+
 def lora_matched_tucker_rank(shapes: list[tuple[int, ...]], rank: int) -> list[int]:
     """Tucker ranks `[c, c, 2, 2]` (channels, kernel) whose parameter count over convolution weights of
     `shapes` is the closest to LoRA's at `rank` on the same weights (the smaller `c` on a tie)."""
@@ -45,14 +51,11 @@ def lora_matched_tucker_rank(shapes: list[tuple[int, ...]], rank: int) -> list[i
     modes = max(len(shape) for shape in shapes)
     target = sum(lora_parameters(shape, rank) for shape in shapes)
 
-    def ranks(c: int) -> list[int]:
-        return [c, c] + [SPATIAL_RANK] * (modes - 2)
-
     def distance(c: int) -> int:
-        return abs(sum(tucker_parameters(shape, ranks(c)) for shape in shapes) - target)
+        return abs(sum(tucker_parameters(shape, channel_ranks(c, modes)) for shape in shapes) - target)
 
     widest = max(max(shape[:2]) for shape in shapes)
-    return ranks(min(range(1, widest + 1), key=distance))
+    return channel_ranks(min(range(1, widest + 1), key=distance), modes)
 
 
 def with_default_conv_rank(config: AdapterConfig, model: nn.Module) -> AdapterConfig:
@@ -67,5 +70,5 @@ def with_default_conv_rank(config: AdapterConfig, model: nn.Module) -> AdapterCo
     if config.method in CHANNEL_RANK_MULTIPLES:
         channels = CHANNEL_RANK_MULTIPLES[config.method] * config.rank
         modes = max(len(shape) for shape in shapes)
-        return dataclasses.replace(config, conv_rank=[channels, channels] + [SPATIAL_RANK] * (modes - 2))
+        return dataclasses.replace(config, conv_rank=channel_ranks(channels, modes))
     return dataclasses.replace(config, conv_rank=lora_matched_tucker_rank(shapes, config.rank))
