@@ -466,7 +466,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert args.output_dir == os.path.join("outputs", "dreambooth-liera")
     assert args.with_prior_preservation  # on by default (benchmarks/quality.py's sweep)
     assert args.class_data_dir == os.path.join("outputs", "dreambooth-liera", "class_images")
-    assert args.max_train_steps == script.DEFAULT_MAX_TRAIN_STEPS
+    # With pivotal tuning's defaults liera trains longer, on zoomed views (PIVOTAL_TRAINING).
+    assert (args.max_train_steps, args.random_zoom) == (1200, 1.1)
     # With pivotal tuning's targets, liera's keys and values train at their own rate.
     assert (args.learning_rate, args.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["liera"]
     assert args.prior_loss_weight == 1.0  # liera keeps diffusers' weight; lora and flora weigh the prior 3x
@@ -477,6 +478,11 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     flora = script.parse_args([*base, "--adapter", "flora"])
     assert flora.prior_loss_weight == 3.0
     assert (flora.learning_rate, flora.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["flora"]
+    # lora and flora keep the length and the views they were measured with; a given length or zoom is kept.
+    assert (lora.max_train_steps, lora.random_zoom) == (flora.max_train_steps, flora.random_zoom) == (800, None)
+    given = script.parse_args([*base, "--max_train_steps", "300", "--random_zoom", "1"])
+    assert (given.max_train_steps, given.random_zoom) == (300, 1)
+    assert script.parse_args([*base, "--num_train_epochs", "2"]).max_train_steps is None
     assert (
         script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
     )
@@ -484,6 +490,7 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     hira = script.parse_args([*base, "--adapter", "hira"])
     assert not hira.train_text_encoder_ti and hira.train_text_encoder and hira.targets == "attn+conv"
     assert hira.instance_prompt == "a sks circle" and hira.text_encoder_lr is None
+    assert (hira.max_train_steps, hira.random_zoom) == (script.DEFAULT_MAX_TRAIN_STEPS, None)
     # Pivotal tuning needs the identifier in the prompt: a prompt without it is refused, naming the way out.
     refused = ["--instance_prompt", "a zwx circle"]
     assert "'sks' is not in the instance prompt" in refusal(script, capsys, [*base, *refused])
@@ -511,6 +518,7 @@ def test_a_hub_models_defaults_wait_for_its_family(script, tiny, tmp_path):
     assert script.family_settings(FAMILIES["sd"], args) is None
     assert args.train_text_encoder_ti and not args.train_text_encoder and args.targets == "cross-kv+conv"
     assert args.instance_prompt == "a <s0><s1> circle"
+    assert (args.max_train_steps, args.random_zoom) == (1200, 1.1)  # liera's, with pivotal tuning
     output_dir.mkdir()
     (output_dir / "adapter.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit, match="holds a finished run"):
@@ -519,6 +527,7 @@ def test_a_hub_models_defaults_wait_for_its_family(script, tiny, tmp_path):
     flux = script.parse_args(argv)
     assert script.family_settings(FAMILIES["flux"], flux) is None
     assert not flux.train_text_encoder_ti and flux.train_text_encoder and flux.targets == "attn+conv"
+    assert (flux.max_train_steps, flux.random_zoom) == (script.DEFAULT_MAX_TRAIN_STEPS, None)
     refused = script.family_settings(FAMILIES["flux"], script.parse_args([*argv, "--train_text_encoder_ti"]))
     assert "--train_text_encoder_ti learns CLIP token embeddings" in refused
 
