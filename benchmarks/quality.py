@@ -304,7 +304,9 @@ RECIPES["liera-zoom1.1"] = f"{RECIPES['liera-kv1e-3']} --random_zoom 1.1"
 RECIPES["liera-zoom1.1-1200steps"] = f"{RECIPES['liera-kv1e-3-1200steps']} --random_zoom 1.1"
 # ... without the class images, on the crosses: the README's advice for a class the base can't draw, on liera's
 # default since.
-RECIPES["liera-zoom1.1-1200steps-noprior"] = f"{RECIPES['liera-zoom1.1-1200steps']} --no-with_prior_preservation"
+RECIPES["liera-zoom1.1-1200steps-noprior"] = (
+    f"{RECIPES['liera-zoom1.1-1200steps']} --no-with_prior_preservation"
+)
 # Every recipe but "defaults" runs on the script's defaults as the recipes above were measured on: settings
 # whose default changed since are pinned to what it was (a recipe that names one overrides it), so that a
 # recipe keeps its meaning. liera with pivotal tuning trains 1200 steps on zoomed views since

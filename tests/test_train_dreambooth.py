@@ -479,7 +479,9 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert flora.prior_loss_weight == 3.0
     assert (flora.learning_rate, flora.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["flora"]
     # lora and flora keep the length and the views they were measured with; a given length or zoom is kept.
-    assert (lora.max_train_steps, lora.random_zoom) == (flora.max_train_steps, flora.random_zoom) == (800, None)
+    assert (
+        (lora.max_train_steps, lora.random_zoom) == (flora.max_train_steps, flora.random_zoom) == (800, None)
+    )
     given = script.parse_args([*base, "--max_train_steps", "300", "--random_zoom", "1"])
     assert (given.max_train_steps, given.random_zoom) == (300, 1)
     assert script.parse_args([*base, "--num_train_epochs", "2"]).max_train_steps is None
