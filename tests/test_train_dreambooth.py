@@ -484,6 +484,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     )
     given = script.parse_args([*base, "--max_train_steps", "300", "--random_zoom", "1"])
     assert (given.max_train_steps, given.random_zoom) == (300, 1)
+    # No zoom is one setting to resume by, whether asked for (1) or left off (None, as before the default).
+    assert script.run_identity(given)["random_zoom"] is script.run_identity(lora)["random_zoom"] is None
     assert script.parse_args([*base, "--num_train_epochs", "2"]).max_train_steps is None
     assert (
         script.parse_args([*base, "--adapter", "lora", "--prior_loss_weight", "1"]).prior_loss_weight == 1.0
