@@ -1369,7 +1369,8 @@ def save_class_image_grid(args: argparse.Namespace) -> Path:
     logger.info(
         f"Prior preservation trains on {len(trained_on)} class images for {args.class_prompt!r} ({path}): if "
         "they do not show your subject's class (the base can't draw it), they pull the class word away from "
-        "your subject; then train with --no-with_prior_preservation."
+        "your subject; then train with --no-with_prior_preservation too, and compare (README: The class "
+        "images)."
     )
     return path
 
