@@ -307,6 +307,8 @@ RECIPES["liera-zoom1.1-1200steps"] = f"{RECIPES['liera-kv1e-3-1200steps']} --ran
 RECIPES["liera-zoom1.1-1200steps-noprior"] = (
     f"{RECIPES['liera-zoom1.1-1200steps']} --no-with_prior_preservation"
 )
+# flora with liera's zoom, at its own default size (recipe flora-conv16-16-2-2).
+RECIPES["flora-zoom1.1"] = f"{RECIPES['flora-conv16-16-2-2']} --random_zoom 1.1"
 # Every recipe but "defaults" runs on the script's defaults as the recipes above were measured on: settings
 # whose default changed since are pinned to what it was (a recipe that names one overrides it), so that a
 # recipe keeps its meaning. liera with pivotal tuning trains 1200 steps on zoomed views since
