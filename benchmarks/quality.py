@@ -309,6 +309,11 @@ RECIPES["liera-zoom1.1-1200steps-noprior"] = (
 )
 # flora with liera's zoom, at its own default size (recipe flora-conv16-16-2-2).
 RECIPES["flora-zoom1.1"] = f"{RECIPES['flora-conv16-16-2-2']} --random_zoom 1.1"
+# ... and at 1200 steps, as liera's default: at 800 steps the zoom cost flora the subject on unseen backgrounds.
+RECIPES["flora-zoom1.1-1200steps"] = f"{RECIPES['flora-zoom1.1']} --max_train_steps 1200"
+# liera's default with the class images at half their weight: between the default and none, which draw the
+# ringed cross more often and the orange cross less (quality_crosses_zoom11_1200steps_noprior.md).
+RECIPES["liera-zoom1.1-1200steps-prior0.5"] = f"{RECIPES['liera-zoom1.1-1200steps']} --prior_loss_weight 0.5"
 # Every recipe but "defaults" runs on the script's defaults as the recipes above were measured on: settings
 # whose default changed since are pinned to what it was (a recipe that names one overrides it), so that a
 # recipe keeps its meaning. liera with pivotal tuning trains 1200 steps on zoomed views since

@@ -483,8 +483,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
         (lora.max_train_steps, lora.random_zoom) == (flora.max_train_steps, flora.random_zoom) == (800, None)
     )
     given = script.parse_args([*base, "--max_train_steps", "300", "--random_zoom", "1"])
-    assert (given.max_train_steps, given.random_zoom) == (300, 1)
-    # No zoom is one setting to resume by, whether asked for (1) or left off (None, as before the default).
+    # No zoom is one setting (None) to resume by, whether asked for (1) or left off (as before the default).
+    assert (given.max_train_steps, given.random_zoom) == (300, None)
     assert script.run_identity(given)["random_zoom"] is script.run_identity(lora)["random_zoom"] is None
     assert script.parse_args([*base, "--num_train_epochs", "2"]).max_train_steps is None
     assert (

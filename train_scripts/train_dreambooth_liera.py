@@ -847,8 +847,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def run_identity(args: argparse.Namespace) -> dict:
     """The run's RUN_IDENTITY settings, as JSON values."""
     identity = {key: getattr(args, key, None) for key in RUN_IDENTITY}
-    if identity["random_zoom"] == 1:  # no zoom, recorded as null: as runs before liera's zoom by default
-        identity["random_zoom"] = None
     if getattr(args, "family", None) in ("sd3", "flux"):
         identity.update({key: getattr(args, key, None) for key in FLOW_IDENTITY})
     return json.loads(json.dumps(identity, default=str))
@@ -1171,7 +1169,9 @@ def default_training_settings(args: argparse.Namespace) -> None:
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = training.get("max_train_steps", DEFAULT_MAX_TRAIN_STEPS)
     if args.random_zoom is None:
-        args.random_zoom = training.get("random_zoom")  # None: no zoom
+        args.random_zoom = training.get("random_zoom")
+    if args.random_zoom == 1:  # no zoom has one spelling, None: what the card, the data and resuming read
+        args.random_zoom = None
     pivotal = PIVOTAL_LEARNING_RATES.get(args.adapter) if measured else None
     if args.learning_rate is None and pivotal:
         args.learning_rate = pivotal[0]
@@ -1716,7 +1716,7 @@ def write_model_card(args: argparse.Namespace, metrics: dict) -> None:
         prior += f", the text encoder's output for prompts without the identifier kept (weight {args.text_encoder_preservation:g})"
     notes = ["each with its own caption"] if args.instance_captions else []
     notes += ["mirrored half the time, --random_flip"] if args.random_flip else []
-    notes += [f"enlarged up to {args.random_zoom:g}x, --random_zoom"] if (args.random_zoom or 1) > 1 else []
+    notes += [f"enlarged up to {args.random_zoom:g}x, --random_zoom"] if args.random_zoom else []
     captions = f" ({'; '.join(notes)})" if notes else ""
     other_rates = (
         [f"{args.conv_learning_rate} on convolutions"] if args.conv_learning_rate is not None else []
