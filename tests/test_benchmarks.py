@@ -157,6 +157,13 @@ def test_quality_benchmark_trains_judges_and_writes_tables(tmp_path):
         ):
             assert run[key] == run[key]  # a number, not NaN
         assert run["order_kept"] is None  # a one-colour subject has no colour order
+    # A recipe runs on the defaults it was measured with (PINNED_DEFAULTS), "defaults" on the script's.
+    identity = {
+        recipe: json.loads(next((tmp_path / "runs" / recipe).rglob("run.json")).read_text())
+        for recipe in ("plain", "defaults")
+    }
+    assert (identity["plain"]["random_zoom"], identity["plain"]["prior_loss_weight"]) == (None, 1.0)
+    assert (identity["defaults"]["random_zoom"], identity["defaults"]["prior_loss_weight"]) == (1.1, 0.5)
     subject = tmp_path / "runs" / "subjects" / "orange-cross"
     prompts = json.loads((subject / "prompts.json").read_text())
     assert len(list(subject.glob("*.png"))) == len(list((subject / "heldout").glob("*.png"))) == quality.VIEWS

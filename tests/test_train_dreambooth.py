@@ -163,6 +163,8 @@ def test_short_run_writes_a_loadable_adapter_that_changes_the_model(tiny, method
     else:
         assert conv_rank == 4
     assert f"conv rank {conv_rank}" in card
+    weight = json.loads((output_dir / "run.json").read_text())["prior_loss_weight"]
+    assert f'prior preservation with "a circle" at weight {weight:g}' in card
     for row in ["training images (fit)", "held-out images (generalisation)", "class images (prior drift)"]:
         assert f"| {row}" in card, row
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -470,7 +472,8 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert (args.max_train_steps, args.random_zoom) == (1200, 1.1)
     # With pivotal tuning's targets, liera's keys and values train at their own rate.
     assert (args.learning_rate, args.conv_learning_rate) == script.PIVOTAL_LEARNING_RATES["liera"]
-    assert args.prior_loss_weight == 1.0  # liera keeps diffusers' weight; lora and flora weigh the prior 3x
+    # liera weighs its class images half with pivotal tuning (PIVOTAL_TRAINING); lora and flora 3x.
+    assert args.prior_loss_weight == 0.5
     base = ["--pretrained_model_name_or_path", str(tiny["base"]), "--instance_data_dir", str(tiny["subject"])]
     lora = script.parse_args([*base, "--adapter", "lora"])
     assert lora.prior_loss_weight == 3.0
@@ -495,6 +498,10 @@ def test_defaults_read_the_prompts_of_the_instance_folder(script, tiny, capsys):
     assert not hira.train_text_encoder_ti and hira.train_text_encoder and hira.targets == "attn+conv"
     assert hira.instance_prompt == "a sks circle" and hira.text_encoder_lr is None
     assert (hira.max_train_steps, hira.random_zoom) == (script.DEFAULT_MAX_TRAIN_STEPS, None)
+    assert hira.prior_loss_weight == 1.0  # diffusers' weight
+    # liera without pivotal tuning keeps the length, the views and the prior's weight it had before.
+    plain = script.parse_args([*base, "--no-train_text_encoder_ti"])
+    assert (plain.max_train_steps, plain.random_zoom, plain.prior_loss_weight) == (800, None, 1.0)
     # Pivotal tuning needs the identifier in the prompt: a prompt without it is refused, naming the way out.
     refused = ["--instance_prompt", "a zwx circle"]
     assert "'sks' is not in the instance prompt" in refusal(script, capsys, [*base, *refused])
