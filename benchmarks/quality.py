@@ -345,8 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["defaults"],
         help=f'Recipes: a name ({", ".join(RECIPES)}) or NAME="script arguments"; all but "defaults" on '
-        f"{' '.join(PINNED_DEFAULTS)} (liera also {' '.join(PINNED_METHOD_DEFAULTS['liera'])}) unless they "
-        "say otherwise.",
+        f"{' '.join(PINNED_DEFAULTS)} ("
+        + "; ".join(f"{method} also {' '.join(pins)}" for method, pins in PINNED_METHOD_DEFAULTS.items())
+        + ") unless they say otherwise.",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-train-steps", type=int, default=None, help="Default: the recipe's/script's.")

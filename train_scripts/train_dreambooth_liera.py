@@ -173,6 +173,11 @@ WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 # seconds on a small machine), so a mistake stops at once with a message naming the argument.
 
 
+def _pivotal_defaults(setting: str) -> str:
+    """PIVOTAL_TRAINING's values of one setting, for a help text: "liera 1200"."""
+    return ", ".join(f"{method} {training[setting]:g}" for method, training in PIVOTAL_TRAINING.items())
+
+
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux with LieRA, FLoRA or "
@@ -259,7 +264,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Weight of the prior preservation loss. Default: per --adapter, "
         + ", ".join(f"{method} {weight:g}" for method, weight in DEFAULT_PRIOR_LOSS_WEIGHTS.items())
         + ", 1 for the others; "
-        + ", ".join(f"{method} {t['prior_loss_weight']:g}" for method, t in PIVOTAL_TRAINING.items())
+        + _pivotal_defaults("prior_loss_weight")
         + " with pivotal tuning's defaults (measured on unseen subjects: lora and flora generalise better at "
         "3, liera at 3 loses the subject).",
     )
@@ -309,9 +314,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         metavar="MAX",
         help="Enlarge each training image by a random factor in [1, MAX] before the random crop: the "
         "subject at other sizes and places, kept the right way round (1.25 shows 64%% to 100%% of it). "
-        "Default: 1 (no zoom); "
-        + ", ".join(f"{method} {t['random_zoom']:g}" for method, t in PIVOTAL_TRAINING.items())
-        + " with pivotal tuning's defaults.",
+        "Default: 1 (no zoom); " + _pivotal_defaults("random_zoom") + " with pivotal tuning's defaults.",
     )
     model.add_argument(
         "--tokenizer_max_length", type=int, default=None, help="Tokenizer length (default: the tokenizer's)."
@@ -366,7 +369,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"Optimizer steps; overrides --num_train_epochs. Default: {DEFAULT_MAX_TRAIN_STEPS} unless "
         "--num_train_epochs is given; "
-        + ", ".join(f"{method} {t['max_train_steps']}" for method, t in PIVOTAL_TRAINING.items())
+        + _pivotal_defaults("max_train_steps")
         + " with pivotal tuning's defaults.",
     )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
