@@ -314,9 +314,9 @@ RECIPES["flora-zoom1.1-1200steps"] = f"{RECIPES['flora-zoom1.1']} --max_train_st
 # liera's default with the class images at half their weight: between the default and none, which draw the
 # ringed cross more often and the orange cross less (quality_crosses_zoom11_1200steps_noprior.md).
 RECIPES["liera-zoom1.1-1200steps-prior0.5"] = f"{RECIPES['liera-zoom1.1-1200steps']} --prior_loss_weight 0.5"
-# ... at 1600 steps: at half weight the crosses' shape kept growing from 800 to 1200 steps (the other
-# subjects were at their best by then). An option for a shape the base never drew, not the default
-# (quality_liera_1600steps.md: more drift and lower prompt following elsewhere).
+# ... at 1600 steps: at half weight the crosses' shape kept growing from 800 to 1200 steps. An option for a
+# shape the base never drew, not the default (quality_liera_1600steps.md: the crosses drawn more often, at
+# more drift and lower prompt following elsewhere).
 RECIPES["liera-zoom1.1-1600steps-prior0.5"] = (
     f"{RECIPES['liera-zoom1.1-1200steps-prior0.5']} --max_train_steps 1600"
 )
